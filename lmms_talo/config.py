@@ -1,0 +1,123 @@
+"""TaLo's own model args: parsed, validated and removed before the base model class sees the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .interventions import check_intervention
+
+
+class TaloArgumentError(ValueError):
+    """A TaLo model arg has a bad value."""
+
+
+GRANULARITIES = ("task", "category")
+
+
+def parse_layers(spec: Any) -> tuple[int, ...] | None:
+    """'1-5', '1..5', '3;7;9', '2-4;8' (';' or '|' between items: ',' separates model args)."""
+    if spec is None or spec == "" or spec == "auto":
+        return None
+    if isinstance(spec, int):
+        return (spec,)
+    if isinstance(spec, (list, tuple)):
+        return tuple(int(x) for x in spec)
+    layers: list[int] = []
+    for part in str(spec).replace("|", ";").replace(" ", ";").split(";"):
+        if not part:
+            continue
+        bounds = part.split("..") if ".." in part else part.split("-") if "-" in part[1:] else [part]
+        try:
+            if len(bounds) == 2:
+                lo, hi = int(bounds[0]), int(bounds[1])
+                if hi < lo:
+                    raise TaloArgumentError(f"layers range {part!r} is empty (end before start)")
+                layers.extend(range(lo, hi + 1))
+            else:
+                layers.append(int(bounds[0]))
+        except ValueError as exc:
+            raise TaloArgumentError(
+                f"cannot parse layers={spec!r}: use a range like 1-31, a list like 3;7;9, or both (2-4;8)"
+            ) from exc
+    if not layers:
+        raise TaloArgumentError(f"layers={spec!r} names no layer")
+    return tuple(dict.fromkeys(layers))
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off", ""):
+        return False
+    raise TaloArgumentError(f"expected a boolean, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TaloConfig:
+    probe_shots: int = 10
+    intervention: str = "zero"
+    layers: tuple[int, ...] | None = None  # None: 1 .. L-1
+    threshold: float = 0.0
+    granularity: str = "task"
+    category_field: str | None = None
+    stratify_field: str | None = None
+    seed: int = 0
+    resample_rounds: int = 5
+    force_layer: int | None = None
+    report: str | None = None
+    compare_base: bool = False
+    state_dir: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        check_intervention(self.intervention)
+        if self.probe_shots < 1:
+            raise TaloArgumentError(f"probe_shots must be at least 1, got {self.probe_shots}")
+        if self.granularity not in GRANULARITIES:
+            raise TaloArgumentError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.resample_rounds < 1:
+            raise TaloArgumentError(f"resample_rounds must be at least 1, got {self.resample_rounds}")
+        if self.layers is not None and len(self.layers) == 0:
+            raise TaloArgumentError("layers is empty: give at least one candidate layer, or leave it out for 1..L-1")
+
+    @classmethod
+    def pop_from(cls, kwargs: dict) -> "TaloConfig":
+        """Take TaLo's args out of `kwargs` (a model-args dict), leaving the base model's args."""
+        converters = {
+            "probe_shots": int,
+            "intervention": str,
+            "layers": parse_layers,
+            "threshold": float,
+            "granularity": str,
+            "category_field": lambda v: str(v) or None,
+            "stratify_field": lambda v: str(v) or None,
+            "seed": int,
+            "resample_rounds": int,
+            "force_layer": lambda v: None if v in (None, "", "none") else int(v),
+            "report": str,
+            "compare_base": _as_bool,
+            "state_dir": str,
+        }
+        values = {}
+        for name, convert in converters.items():
+            if name in kwargs:
+                raw = kwargs.pop(name)
+                try:
+                    values[name] = convert(raw)
+                except TaloArgumentError:
+                    raise
+                except (TypeError, ValueError) as exc:
+                    raise TaloArgumentError(f"bad value for model arg {name}={raw!r}: {exc}") from exc
+        if values.get("category_field") and "granularity" not in values:
+            values["granularity"] = "category"
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("extra")
+        return data

@@ -1,0 +1,89 @@
+"""Probe results persisted the moment they are computed, so a crash mid-sweep loses nothing.
+
+One JSON-lines file per fingerprint (model identity, task and prompt, sub-task, intervention,
+seed, shots): a changed input gets a new file and never reuses stale results. Lines that do not
+parse or carry another fingerprint are ignored with a warning, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lmms_talo")
+
+
+def fingerprint_of(payload: dict) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def default_state_dir() -> Path:
+    root = os.environ.get("LMMS_TALO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmms_talo"
+    return Path(root) / "probe_results"
+
+
+def _to_json(response: Any) -> Any:
+    if isinstance(response, tuple):
+        return {"tuple": [_to_json(x) for x in response]}
+    return response
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"tuple"}:
+        return tuple(_from_json(x) for x in value["tuple"])
+    return value
+
+
+class ProbeStore:
+    """(variant label, doc key) -> (score, responses), backed by an append-only file when a path is set."""
+
+    def __init__(self, directory: Path | None, fingerprint: dict):
+        self.fingerprint = fingerprint_of(fingerprint)
+        self._records: dict[tuple[str, str], tuple[float, list]] = {}
+        self.path = None
+        if directory is not None:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.path = directory / f"{self.fingerprint}.jsonl"
+            self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        skipped = 0
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                    if record["fp"] != self.fingerprint:
+                        raise ValueError("foreign fingerprint")
+                    key = (str(record["variant"]), str(record["doc"]))
+                    score = float(record["score"])
+                    responses = [_from_json(r) for r in record["responses"]]
+                except (ValueError, KeyError, TypeError):
+                    skipped += 1
+                    continue
+                self._records[key] = (score, responses)
+        if skipped:
+            log.warning("lmms-talo: ignored %d unreadable or foreign lines in %s", skipped, self.path)
+
+    def get(self, variant: str, doc: Any) -> tuple[float, list] | None:
+        return self._records.get((variant, str(doc)))
+
+    def put(self, variant: str, doc: Any, score: float, responses: list) -> None:
+        self._records[(variant, str(doc))] = (score, responses)
+        if self.path is None:
+            return
+        line = json.dumps(
+            {"fp": self.fingerprint, "variant": variant, "doc": str(doc), "score": score,
+             "responses": [_to_json(r) for r in responses]}
+        )
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
