@@ -71,6 +71,15 @@ LMMS_EVAL_MODEL = {
     "smollm2": "huggingface",
 }
 
+# Caveat, plain LMs: lmms-eval 0.7.3's ``huggingface`` class constructs (``get_model("huggingface")``
+# with these args works) but then cannot generate: it tests ``config.model_type in
+# AutoModelForCausalLM._model_mapping.keys()``, whose keys are config classes, not strings, so it
+# always falls back to ``AutoModel`` (``LlamaModel``/``Qwen2Model``: no lm_head, no ``generate``) and
+# ``generate_until`` raises AttributeError. The same bug hits VLMs loaded through it. lm-eval's ``hf``
+# model (``LM_EVAL_MODEL``) loads and runs the plain tiny LMs (generate_until and loglikelihood).
+LM_EVAL_MODEL = {a: "hf" for a in ("llama", "qwen2", "smollm2")}
+LM_EVAL_MODEL_ARGS = {a: "device=cpu,dtype=float32" for a in LM_EVAL_MODEL}
+
 # Extra ``--model_args`` (after ``pretrained=<dir>,``) that these classes need on a CPU-only machine.
 # device_map=cpu is needed everywhere: llava_hf's default "" is rejected by transformers 5 and the
 # others default to "auto"/"cuda" (and then move inputs to "cuda"). The Qwen classes default to
@@ -84,7 +93,7 @@ LMMS_EVAL_MODEL_ARGS = {
     "qwen2_vl": f"device=cpu,device_map=cpu,{_QWEN_PIXELS}",
     "qwen2_5_vl": f"device=cpu,device_map=cpu,{_QWEN_PIXELS}",
     "qwen3_vl": "device=cpu,device_map=cpu,min_pixels=4096,max_pixels=16384",
-    "internvl": "device=cpu,device_map=cpu,max_patches=4",
+    "internvl": "device=cpu,device_map=cpu",
     "llama": "device=cpu,device_map=cpu",
     "qwen2": "device=cpu,device_map=cpu",
     "smollm2": "device=cpu,device_map=cpu",
