@@ -66,8 +66,20 @@ def field_value(doc: Mapping[str, Any], field: str, task_name: str) -> Any:
     return value
 
 
-def resolve_fields(task_name: str, granularity: str, category_field: str | None, stratify_field: str | None):
-    """The (category field, stratification field) to use for a task under this configuration."""
+def declared_fields(task) -> dict:
+    """Fields a task config declares for TaLo: `metadata: {talo: {category_field, stratify_field}}`."""
+    metadata = getattr(getattr(task, "config", None), "metadata", None) or {}
+    return dict(metadata.get("talo") or {}) if isinstance(metadata, dict) else {}
+
+
+def resolve_fields(task_name: str, granularity: str, category_field: str | None, stratify_field: str | None, task=None):
+    """The (category field, stratification field) for a task: model args, then the task config's
+    declaration, then the known defaults of its benchmark."""
+    declared = declared_fields(task)
+    if stratify_field is None:
+        stratify_field = declared.get("stratify_field")
+    if category_field is None:
+        category_field = declared.get("category_field")
     defaults = known_fields(task_name)
     if granularity == "task":
         return None, stratify_field

@@ -84,7 +84,12 @@ LM_EVAL_MODEL_ARGS = {a: "device=cpu,dtype=float32" for a in LM_EVAL_MODEL}
 # device_map=cpu is needed everywhere: llava_hf's default "" is rejected by transformers 5 and the
 # others default to "auto"/"cuda" (and then move inputs to "cuda"). The Qwen classes default to
 # min_pixels=200704 (hundreds of image tokens): a small min_pixels keeps the tiny models fast.
-# Note: the Qwen and InternVL classes always load bfloat16 weights; llava_hf loads float32 (dtype=auto).
+# The pixel bounds are optional (defaults also work, ~0.3 s per answer instead of ~0.1 s).
+# Notes: the Qwen and InternVL classes always load bfloat16 weights (answers differ from float32);
+# llava_hf and qwen2_vl load float32 (dtype "auto"). Do not also pass the CLI's --device: it is
+# forwarded as a second ``device`` kwarg (TypeError). qwen3_vl treats a ``pretrained`` path matching
+# the regex ``A\d+B`` (e.g. ".../A3B...") as a MoE checkpoint: keep such text out of model dirs.
+# Requests must set ``max_new_tokens`` (defaults: 128 to 32768 tokens; llava_hf/internvl_hf 1024).
 _QWEN_PIXELS = "min_pixels=3136,max_pixels=12544"
 LMMS_EVAL_MODEL_ARGS = {
     "llava": "device=cpu,device_map=cpu",

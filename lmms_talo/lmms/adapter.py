@@ -26,6 +26,7 @@ from ..scoring import TaskScorer
 from ..store import ProbeStore, default_state_dir
 from ..subtasks import field_value, resolve_fields, subtask_name
 from ..sweep import LayerSweep
+from .. import run_state
 from . import task_capture
 
 
@@ -129,12 +130,12 @@ class TaloMixin:
         fields_by_task = {}
         for position, request in enumerate(requests):
             task_name = request.task_name
+            task = task_capture.task(task_name)
             if task_name not in fields_by_task:
                 fields_by_task[task_name] = resolve_fields(
-                    task_name, self.talo.granularity, self.talo.category_field, self.talo.stratify_field
+                    task_name, self.talo.granularity, self.talo.category_field, self.talo.stratify_field, task
                 )
             category_field, _ = fields_by_task[task_name]
-            task = task_capture.task(task_name)
             doc = task.eval_docs[request.doc_id]
             category = field_value(doc, category_field, task_name) if category_field else None
             key = (task_name, category)
@@ -157,6 +158,7 @@ class TaloMixin:
             keys = group.docs()
             strata = [field_value(docs[d], stratify_field, task_name) for d in keys] if stratify_field else None
             group.split = split_subtask(group.name, keys, self.talo.probe_shots, self.talo.seed, strata)
+            run_state.publish(group.split)
         return list(groups.values())
 
     def _talo_answer(self, reqtype: str, requests: Sequence, base_method: Callable) -> list:

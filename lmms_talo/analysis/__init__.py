@@ -1,0 +1,1 @@
+"""lmms-talo analysis."""

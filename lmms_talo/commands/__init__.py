@@ -1,0 +1,1 @@
+"""Subcommands of `lmms-talo`, discovered by module: see lmms_talo.cli."""
