@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .interventions import check_intervention
+from .rules import RuleError, SelectionRule
 
 
 class TaloArgumentError(ValueError):
@@ -30,17 +31,14 @@ def parse_layers(spec: Any) -> tuple[int, ...] | None:
             continue
         bounds = part.split("..") if ".." in part else part.split("-") if "-" in part[1:] else [part]
         try:
-            if len(bounds) == 2:
-                lo, hi = int(bounds[0]), int(bounds[1])
-                if hi < lo:
-                    raise TaloArgumentError(f"layers range {part!r} is empty (end before start)")
-                layers.extend(range(lo, hi + 1))
-            else:
-                layers.append(int(bounds[0]))
+            numbers = [int(b) for b in bounds]
         except ValueError as exc:
             raise TaloArgumentError(
                 f"cannot parse layers={spec!r}: use a range like 1-31, a list like 3;7;9, or both (2-4;8)"
             ) from exc
+        if len(numbers) == 2 and numbers[1] < numbers[0]:
+            raise TaloArgumentError(f"layers range {part!r} is empty (end before start)")
+        layers.extend(range(numbers[0], numbers[-1] + 1))
     if not layers:
         raise TaloArgumentError(f"layers={spec!r} names no layer")
     return tuple(dict.fromkeys(layers))
@@ -72,6 +70,12 @@ class TaloConfig:
     report: str | None = None
     compare_base: bool = False
     state_dir: str | None = None
+    select_rule: str = "gain"  # gain (the paper's) | sign_test | bootstrap: see lmms_talo.rules
+    select_alpha: float = 0.05
+    select_resamples: int = 1000
+    max_layers: int = 1  # > 1: greedy multi-layer search on top of the selected layer (lmms_talo.pairwise)
+    transfer: bool = False  # also score each sub-task's test docs under the other sub-tasks' selections
+    test_all_layers: bool = False  # also score the test docs under every candidate layer
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -84,6 +88,15 @@ class TaloConfig:
             raise TaloArgumentError(f"resample_rounds must be at least 1, got {self.resample_rounds}")
         if self.layers is not None and len(self.layers) == 0:
             raise TaloArgumentError("layers is empty: give at least one candidate layer, or leave it out for 1..L-1")
+        if self.max_layers < 1:
+            raise TaloArgumentError(f"max_layers must be at least 1, got {self.max_layers}")
+        try:
+            self.selection_rule()
+        except RuleError as exc:
+            raise TaloArgumentError(str(exc)) from exc
+
+    def selection_rule(self) -> SelectionRule:
+        return SelectionRule(self.select_rule, self.threshold, self.select_alpha, self.select_resamples, self.seed)
 
     @classmethod
     def pop_from(cls, kwargs: dict) -> "TaloConfig":
@@ -102,6 +115,12 @@ class TaloConfig:
             "report": str,
             "compare_base": _as_bool,
             "state_dir": str,
+            "select_rule": str,
+            "select_alpha": float,
+            "select_resamples": int,
+            "max_layers": int,
+            "transfer": _as_bool,
+            "test_all_layers": _as_bool,
         }
         values = {}
         for name, convert in converters.items():
@@ -113,6 +132,10 @@ class TaloConfig:
                     raise
                 except (TypeError, ValueError) as exc:
                     raise TaloArgumentError(f"bad value for model arg {name}={raw!r}: {exc}") from exc
+        if values.get("transfer") or values.get("test_all_layers"):
+            if values.get("compare_base") is False:
+                raise TaloArgumentError("transfer and test_all_layers report gains over the base model's test scores: drop compare_base=false")
+            values["compare_base"] = True
         if values.get("category_field") and "granularity" not in values:
             values["granularity"] = "category"
         return cls(**values)

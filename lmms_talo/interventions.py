@@ -62,12 +62,13 @@ def check_intervention(name: str) -> str:
 
 def check_layers(layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
     layers = tuple(layers)
-    for layer in layers:
-        if not 0 <= layer < num_layers:
-            raise InterventionError(
-                f"layer {layer} is out of range: the language backbone has {num_layers} decoder "
-                f"layers, numbered 0..{num_layers - 1}"
-            )
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        named = f"layer {bad[0]} is" if len(bad) == 1 else f"layers {', '.join(map(str, bad))} are"
+        raise InterventionError(
+            f"{named} out of range: the language backbone has {num_layers} decoder layers, "
+            f"numbered 0..{num_layers - 1}"
+        )
     return layers
 
 

@@ -65,6 +65,9 @@ class GroupReport:
     probe_docs_computed: int = 0
     probe_docs_reused: int = 0
     test: dict = field(default_factory=dict)  # "talo" / "base" -> {score, n, doc_scores}
+    selected_layers: list = field(default_factory=list)  # the knockout evaluated: [selected_layer] or more
+    layer_stages: list = field(default_factory=list)  # multi-layer search steps (lmms_talo.pairwise)
+    test_variants: dict = field(default_factory=dict)  # variant label -> {score, n, doc_scores} (transfer modes)
 
     @classmethod
     def start(cls, group) -> "GroupReport":
@@ -76,6 +79,7 @@ class GroupReport:
     def mark_forced(self, layer: int) -> None:
         self.forced = True
         self.selected_layer = layer
+        self.selected_layers = [layer]
         self.selection_reason = f"force_layer={layer}: no probing"
 
     def swept(self, result) -> None:
@@ -84,10 +88,12 @@ class GroupReport:
         self.rounds = [
             {"probe_docs": list(o.probe_docs), "baseline": o.baseline,
              "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
-             "selected": o.selected, "reason": o.reason}
+             "selected": o.selected, "reason": o.reason,
+             "evidence": {str(k): v for k, v in o.evidence.items()}}
             for o in result.rounds
         ]
         self.selected_layer = final.selected
+        self.selected_layers = [] if final.selected is None else [final.selected]
         self.selection_reason = final.reason
         self.tied_layers = list(final.tied_layers)
         self.interaction_vector = {str(k): v for k, v in final.gains.items()}
@@ -97,12 +103,24 @@ class GroupReport:
         self.probe_docs_computed = result.docs_computed
         self.probe_docs_reused = result.docs_reused
 
+    def extended(self, layers, stages) -> None:
+        """The multi-layer search's result (lmms_talo.pairwise)."""
+        self.selected_layers = list(layers)
+        self.layer_stages = [stage.to_dict() for stage in stages]
+
     def evaluated(self, seconds: float) -> None:
         self.eval_seconds = seconds
 
     def scored(self, which: str, doc_scores: dict, pool: set) -> None:
+        self.test[which] = self._test_entry(doc_scores, pool)
+
+    def scored_variant(self, label: str, doc_scores: dict, pool: set) -> None:
+        self.test_variants[label] = self._test_entry(doc_scores, pool)
+
+    @staticmethod
+    def _test_entry(doc_scores: dict, pool: set) -> dict:
         test_scores = {d: s for d, s in doc_scores.items() if d not in pool}
-        self.test[which] = {
+        return {
             "score": _mean(test_scores.values()),
             "n": len(test_scores),
             "pool_score": _mean(s for d, s in doc_scores.items() if d in pool),
@@ -171,7 +189,7 @@ def summary_table(report: dict) -> str:
     head = f"{'sub-task':40} {'layer':>5} {'gain':>7} {'probe':>6} {'test n':>6} {'TaLo':>7} {'base':>7} {'diff':>7}"
     lines = [head, "-" * len(head)]
     for g in report["subtasks"]:
-        layer = "-" if g["selected_layer"] is None else str(g["selected_layer"])
+        layer = "+".join(map(str, g["selected_layers"])) or "-"
         gain = g["interaction_vector"].get(str(g["selected_layer"])) if g["selected_layer"] is not None else None
         base_probe = g["rounds"][-1]["baseline"] if g["rounds"] else None
         talo = g["test"].get("talo", {})

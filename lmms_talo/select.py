@@ -17,6 +17,7 @@ class RoundOutcome:
     selected: int | None
     reason: str
     tied_layers: tuple[int, ...] = field(default=())
+    evidence: dict[int, float] = field(default_factory=dict)  # a guarded rule's statistic per layer (lmms_talo.rules)
 
 
 def mean(values: Sequence[float]) -> float:

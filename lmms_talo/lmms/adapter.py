@@ -20,14 +20,17 @@ from loguru import logger as log
 from ..backbone import decoder_layers, unwrap
 from ..config import TaloArgumentError, TaloConfig
 from ..interventions import Knockout, check_layers, knocked_out
+from ..pairwise import search_more_layers
 from ..probe import ProbeSplit, split_subtask
 from ..report import GroupReport, TaloReport, summary_table
 from ..scoring import TaskScorer
 from ..store import ProbeStore, default_state_dir
 from ..subtasks import field_value, resolve_fields, subtask_name
 from ..sweep import LayerSweep
+from ..taskpool import check_task_split
 from .. import run_state
 from . import task_capture
+from .fixes import keep_loglikelihood_outputs
 
 
 class GenerationFailed(RuntimeError):
@@ -41,9 +44,9 @@ def _fresh_copy(request):
 
 
 def _unwrap_output(output):
-    from lmms_eval.api.instance import unwrap_generation_output
+    import lmms_eval.evaluator
 
-    return output if isinstance(output, tuple) and not isinstance(output[0], str) else unwrap_generation_output(output)[0]
+    return lmms_eval.evaluator.unwrap_generation_output(output)[0]
 
 
 @contextlib.contextmanager
@@ -90,6 +93,7 @@ class TaloMixin:
         self.talo = TaloConfig.pop_from(kwargs)
         super().__init__(**kwargs)
         task_capture.install()
+        keep_loglikelihood_outputs()
         num_layers = len(decoder_layers(self._talo_model()))
         self.talo_num_layers = num_layers
         layers = self.talo.layers if self.talo.layers is not None else tuple(range(1, num_layers))
@@ -98,6 +102,12 @@ class TaloMixin:
         self.talo_candidate_layers = check_layers(layers, num_layers)
         if self.talo.force_layer is not None:
             check_layers([self.talo.force_layer], num_layers)
+        if self.talo.max_layers > len(self.talo_candidate_layers):
+            raise TaloArgumentError(
+                f"max_layers={self.talo.max_layers} exceeds the {len(self.talo_candidate_layers)} candidate layer(s): "
+                f"lower max_layers or widen layers"
+            )
+        self.talo_rule = self.talo.selection_rule()
         self.talo_report = TaloReport.start(self, self.talo)
 
     # --- the harness entry points ---
@@ -158,16 +168,21 @@ class TaloMixin:
             keys = group.docs()
             strata = [field_value(docs[d], stratify_field, task_name) for d in keys] if stratify_field else None
             group.split = split_subtask(group.name, keys, self.talo.probe_shots, self.talo.seed, strata)
+            check_task_split(group.task, group.split)  # talo_* tasks: same protocol as the task's, or stop here
             run_state.publish(group.split)
         return list(groups.values())
 
     def _talo_answer(self, reqtype: str, requests: Sequence, base_method: Callable) -> list:
         results: list = [None] * len(requests)
+        answered = []
         for group in self._talo_groups(reqtype, requests):
             group_requests = [requests[p] for p in group.positions]
-            answers = self._talo_answer_group(group, group_requests, base_method)
+            answers, report = self._talo_answer_group(group, group_requests, base_method)
+            answered.append((group, group_requests, report))
             for position, answer in zip(group.positions, answers):
                 results[position] = answer
+        if self.talo.transfer or self.talo.test_all_layers:
+            self._talo_score_test_variants(answered, base_method)
         path = self.talo_report.write(task_capture.CAPTURED.cli_args)
         log.info(f"TaLo ({reqtype}): report written to {path}\n{summary_table(self.talo_report.to_dict())}")
         log.info("TaLo: lmms-eval's aggregate below counts probe-pool docs too (unless the task excludes them); the report's TaLo column is the test (non-pool) score")
@@ -212,8 +227,13 @@ class TaloMixin:
                 group.split, self.talo_candidate_layers, self.talo.intervention,
                 self.talo.threshold, self.talo.resample_rounds,
             )
+            self.talo_rule.apply(result, group.name)
+            layers, stages = search_more_layers(
+                sweep, result, self.talo_rule, self.talo.intervention, self.talo.max_layers, group.name
+            )
             report.swept(result)
-            knockout = Knockout((result.selected,), self.talo.intervention) if result.selected is not None else None
+            report.extended(layers, stages)
+            knockout = Knockout(layers, self.talo.intervention) if layers else None
         self.talo_report.add(report)
         self.talo_report.write(task_capture.CAPTURED.cli_args)  # a crash later keeps the selection
 
@@ -228,10 +248,38 @@ class TaloMixin:
                 a for r, a in zip(group_requests, answers) if r.doc_id in test_docs
             ]
             self._talo_score_test(group, base_requests, base_answers, report, scorer, "base")
-        return answers
+        return answers, report
 
     def _talo_score_test(self, group, group_requests, answers, report, scorer, which: str) -> None:
         """Score the answered docs; the report keeps per-doc scores and the mean over the test set."""
+        report.scored(which, self._talo_doc_scores(group, group_requests, answers, scorer), set(group.split.pool))
+
+    def _talo_score_test_variants(self, answered: list, base_method: Callable) -> None:
+        """transfer / test_all_layers: score each sub-task's test docs under the knockouts selected
+        for the other sub-tasks of this call and/or under every candidate layer, for offline analysis."""
+        wanted = {()}
+        if self.talo.transfer:
+            wanted |= {tuple(report.selected_layers) for _, _, report in answered}
+        if self.talo.test_all_layers:
+            wanted |= {(layer,) for layer in self.talo_candidate_layers}
+        for group, group_requests, report in answered:
+            scorer = TaskScorer(group.task, group.task_name)
+            test_docs = set(group.split.test)
+            test_requests = [r for r in group_requests if r.doc_id in test_docs]
+            done = {Knockout(tuple(report.selected_layers)).label: report.test.get("talo"), "base": report.test.get("base")}
+            for layers in sorted(wanted):
+                label = Knockout(layers).label
+                if done.get(label) is not None:
+                    report.test_variants[label] = done[label]
+                    continue
+                knockout = Knockout(layers, self.talo.intervention) if layers else None
+                answers = self._talo_run_base(base_method, test_requests, knockout, strict=False)
+                scores = self._talo_doc_scores(group, test_requests, answers, scorer)
+                report.scored_variant(label, scores, set(group.split.pool))
+        self.talo_report.write(task_capture.CAPTURED.cli_args)
+
+    @staticmethod
+    def _talo_doc_scores(group, group_requests, answers, scorer) -> dict:
         by_doc: dict = defaultdict(dict)
         for request, answer in zip(group_requests, answers):
             by_doc[request.doc_id][request.idx] = answer
@@ -242,4 +290,4 @@ class TaloMixin:
                 continue  # some of this doc's requests were served by a response cache
             responses = [answered[r.idx] for r in requests]
             scores[doc_id] = scorer.score(group.task.eval_docs[doc_id], requests, responses)
-        report.scored(which, scores, set(group.split.pool))
+        return scores

@@ -12,14 +12,17 @@ import importlib
 from lmms_eval.api.model import lmms
 
 from .adapter import TaloMixin
+from .fixes import BASE_FIXES
 
 _CLASSES: dict[str, type] = {}
 
 
-def talo_class(base_cls: type, attribute: str) -> type:
-    """TaloMixin over `base_cls`, registered in this module under `attribute`."""
+def talo_class(base_cls: type, attribute: str, base_name: str = "") -> type:
+    """TaloMixin (and any repair of the base, see fixes.py) over `base_cls`, registered in this
+    module under `attribute`."""
     if attribute not in _CLASSES:
-        cls = type(f"Talo{base_cls.__name__}", (TaloMixin, base_cls), {"__module__": __name__})
+        fixes = (BASE_FIXES[base_name],) if base_name in BASE_FIXES else ()
+        cls = type(f"Talo{base_cls.__name__}", (TaloMixin, *fixes, base_cls), {"__module__": __name__})
         cls.__qualname__ = attribute
         _CLASSES[attribute] = cls
     return _CLASSES[attribute]
@@ -40,7 +43,7 @@ def __getattr__(name: str) -> type:
     kind, sep, base = name.partition("__")
     if not sep or kind not in ("simple", "chat"):
         raise AttributeError(name)
-    return talo_class(_base_class(base, kind), name)
+    return talo_class(_base_class(base, kind), name, base)
 
 
 def _build_any(base: str | None, prefer: str, kwargs: dict):
@@ -50,7 +53,7 @@ def _build_any(base: str | None, prefer: str, kwargs: dict):
 
     manifest = MODEL_REGISTRY_V2.get_manifest(base)
     kind = prefer if getattr(manifest, f"{prefer}_class_path") else ("chat" if prefer == "simple" else "simple")
-    cls = talo_class(_base_class(base, kind), f"{kind}__{base}")
+    cls = talo_class(_base_class(base, kind), f"{kind}__{base}", base)
     return cls(**kwargs)
 
 

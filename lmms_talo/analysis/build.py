@@ -1,0 +1,337 @@
+"""The analysis report of one or more TaLo runs: report.md, a self-contained report.html, the PNG
+figures, and analysis.json with every number shown (all recomputed from the reports' per-doc records)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..rules import RULES
+from . import figures
+from .agreement import between_runs, intervention_pairs, probe_vs_test
+from .clustering import bootstrap_stability, cluster
+from .document import Document
+from .robustness import selection_distribution
+from .rule_comparison import rule_choices, summarize
+from .runs import Run, load_runs
+from .tables import paper_table
+from .transfer import transfer_matrix
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    clusters: int = 3  # flat clusters cut from the dendrogram
+    resamples: int = 200  # bootstrap resamples of the probe docs (cluster stability, selection robustness)
+    seed: int = 0
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def pp(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:+.1f}"
+
+
+def num(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+class ReportBuilder:
+    def __init__(self, runs: list[Run], out: Path, options: ReportOptions):
+        self.runs = runs
+        self.out = out
+        self.options = options
+        self.doc = Document("TaLo analysis")
+        self.numbers: dict = {"runs": {}, "agreement": []}
+
+    def figure(self, name: str, make, caption: str) -> None:
+        path = make(self.out / f"{name}.png")
+        self.doc.figure(path, caption)
+
+    def build(self) -> None:
+        self.overview()
+        for run in self.runs:
+            self.numbers["runs"][run.key] = {"label": run.label, "path": str(run.path)}
+            self.doc.heading(f"{run.key}: {run.label}", 2)
+            self.results(run)
+            self.heatmap(run)
+            self.clusters(run)
+            self.robustness(run)
+            self.multi_layer(run)
+            self.transfer(run)
+            self.rules(run)
+        self.agreement()
+
+    # --- sections ---
+
+    def overview(self) -> None:
+        self.doc.paragraph(
+            "Scores are accuracies in % on each sub-task's test docs (the docs outside its probe pool); "
+            "differences are in percentage points (pp). Every statistic below is recomputed from the per-doc "
+            "records in the reports, without the model."
+        )
+        rows = []
+        for run in self.runs:
+            subs = run.subtasks
+            base = [s.test_score("base") for s in subs]
+            talo = [s.data.get("test", {}).get("talo", {}).get("score") for s in subs]
+            mean = lambda v: None if not v or None in v else sum(v) / len(v)  # noqa: E731
+            rows.append([
+                run.key, run.label, str(run.path), str(len(subs)),
+                str(sum(1 for s in subs if s.selected_label != "base")),
+                pct(mean(base)), pct(mean(talo)),
+                pp(None if mean(base) is None or mean(talo) is None else mean(talo) - mean(base)),
+                str(sum(s.sweep_passes() for s in subs)),
+            ])
+        self.doc.table(["run", "model · intervention · shots", "report", "sub-tasks", "knocked out",
+                        "base (mean)", "TaLo (mean)", "Δ pp", "sweep passes"], rows)
+
+    def results(self, run: Run) -> None:
+        self.doc.heading("Results on the test docs", 3)
+        rows, numbers = [], []
+        for task, subtask_rows, macro, micro in paper_table(run):
+            for row in subtask_rows + [macro, micro]:
+                rows.append([row.subtask, str(row.n), pct(row.base), pct(row.talo), pp(row.difference), row.layers])
+                numbers.append(asdict(row) | {"difference": row.difference})
+        self.doc.table(["sub-task", "test docs", "base %", "TaLo %", "Δ pp", "layer(s)"], rows)
+        if any(s.test_score("base") is None for s in run.subtasks):
+            self.doc.paragraph("Base scores missing: run TaLo with `compare_base=true` to score the full model on the test docs.")
+        self.numbers["runs"][run.key]["table"] = numbers
+
+    def heatmap(self, run: Run) -> None:
+        self.doc.heading("Task-layer interaction vectors", 3)
+        layers = sorted({l for s in run.subtasks for l in s.data.get("candidate_layers", [])})
+        gains = np.full((len(run.subtasks), len(layers)), np.nan)
+        selected, drift = [], 0.0
+        for row, sub in enumerate(run.subtasks):
+            recomputed = sub.gains() if sub.swept else {}
+            for layer, gain in recomputed.items():
+                gains[row, layers.index(layer)] = gain
+                drift = max(drift, abs(gain - sub.data["interaction_vector"][str(layer)]))
+            first = sub.data.get("selected_layer")
+            selected.append(layers.index(first) if first in layers else None)
+        self.figure(
+            f"{run.key}_interaction_heatmap",
+            lambda p: figures.interaction_heatmap(gains, [s.name for s in run.subtasks], layers, selected, run.label, p),
+            f"Probe gain of knocking out each layer's attention ({run.label}); black box: the selected layer.",
+        )
+        unswept = [s.name for s in run.subtasks if not s.swept]
+        text = f"Recomputed from the per-doc probe records: largest difference from the stored vectors {drift:.1e}."
+        if unswept:
+            text += f" Not swept (baseline already perfect on the probe set): {', '.join(unswept)}."
+        self.doc.paragraph(text)
+        self.numbers["runs"][run.key]["interaction_vectors"] = {
+            s.name: {str(l): g for l, g in zip(layers, gains[i]) if g == g} for i, s in enumerate(run.subtasks)
+        }
+
+    def _clusterable(self, run: Run) -> list:
+        swept = run.swept_subtasks()
+        common = swept[0].layers if swept else []
+        return [s for s in swept if s.layers == common and np.ptp(s.differences().mean(axis=1)) > 0]
+
+    def clusters(self, run: Run) -> None:
+        self.doc.heading("Clusters of interaction vectors", 3)
+        subs = self._clusterable(run)
+        left_out = [s.name for s in run.subtasks if s not in subs]
+        if len(subs) < 3:
+            self.doc.paragraph(
+                f"Not enough sub-tasks to cluster: {len(subs)} have a non-constant interaction vector over the same "
+                "layers (3 are needed)."
+            )
+            return
+        count = min(self.options.clusters, len(subs) - 1)
+        differences = [s.differences() for s in subs]
+        result = cluster([s.name for s in subs], np.stack([d.mean(axis=1) for d in differences]), count)
+        stability = bootstrap_stability(differences, result, self.options.resamples, self.options.seed)
+        self.figure(f"{run.key}_correlation", lambda p: figures.correlation_dendrogram(result, run.label, p),
+                    f"Pearson correlation between interaction vectors, dendrogram-ordered, {count} clusters ({run.label}).")
+        self.figure(f"{run.key}_cluster_stability", lambda p: figures.cluster_stability(result, stability, run.label, p),
+                    "Cluster stability over bootstrap resamples of each sub-task's probe docs.")
+        summary = stability.summary()
+        rows = []
+        for label, members in result.members().items():
+            index = [result.names.index(m) for m in members]
+            pairs = [(i, j) for i in index for j in index if i < j]
+            cohesion = np.mean([stability.co_clustered[i, j] for i, j in pairs]) if pairs else None
+            rows.append([f"c{label}", ", ".join(members), num(cohesion, ".2f")])
+        self.doc.table(["cluster", "sub-tasks (dendrogram order)", "pairs kept together"], rows)
+        self.doc.paragraph(
+            f"Adjusted Rand index between the clusters of {summary['resamples']} bootstrap resamples and the clusters "
+            f"above: mean {summary['mean']:.3f} (sd {summary['sd']:.3f}), median {summary['median']:.3f}, "
+            f"5-95% range {summary['p05']:.3f} to {summary['p95']:.3f}. 1 means the same partition every time; "
+            "about 0 means no more agreement than chance."
+            + (f" Left out (constant vector or not swept): {', '.join(left_out)}." if left_out else "")
+        )
+        self.numbers["runs"][run.key]["clusters"] = {
+            "count": count, "members": {f"c{k}": v for k, v in result.members().items()}, "ari": summary,
+            "correlation": {a: dict(zip(result.names, map(float, result.corr[i]))) for i, a in enumerate(result.names)},
+        }
+
+    def robustness(self, run: Run) -> None:
+        self.doc.heading("Robustness of the selection", 3)
+        subs = run.swept_subtasks()
+        if not subs:
+            self.doc.paragraph("No sub-task was swept.")
+            return
+        resamples = self.options.resamples
+        by_rule = {name: [selection_distribution(s, run.rule(name), resamples, self.options.seed) for s in subs]
+                   for name in RULES}
+        own = run.rule().name
+        layers = sorted({l for s in subs for l in s.layers})
+        self.figure(
+            f"{run.key}_selection_robustness",
+            lambda p: figures.selection_robustness(by_rule[own], layers, f"{run.label}\nlayer chosen by the {own} rule "
+                                                   f"on {resamples} bootstrap resamples of the probe docs", p),
+            f"How often each layer wins when the probe docs are resampled ({own} rule); red box: the choice on the actual probe docs.",
+        )
+        rows = [[s.name] + [f"{d.chosen} ({d.win_rate:.0%})" for d in (by_rule[n][i] for n in RULES)]
+                for i, s in enumerate(subs)]
+        self.doc.table(["sub-task"] + [f"{n}: choice (resamples agreeing)" for n in RULES], rows)
+        self.doc.paragraph(
+            "Each rule's choice on the final probe set, and the share of bootstrap resamples of those probe docs on "
+            "which the same rule makes the same choice ('none' keeps the full model)."
+        )
+        self.numbers["runs"][run.key]["robustness"] = {
+            n: {d.subtask: {"chosen": d.chosen, "win_rate": d.win_rate, "counts": {str(k): v for k, v in d.counts.items()}}
+                for d in by_rule[n]} for n in RULES
+        }
+
+    def multi_layer(self, run: Run) -> None:
+        subs = [s for s in run.subtasks if s.data.get("layer_stages")]
+        if not subs:
+            return
+        self.doc.heading("Multi-layer search", 3)
+        rows = []
+        for sub in subs:
+            for stage in sub.data["layer_stages"]:
+                best = stage["tied_layers"][0] if stage["tied_layers"] else None
+                base = "+".join(map(str, stage["base_layers"]))
+                rows.append([
+                    sub.name, base, num(stage["reference_score"]),
+                    "-" if best is None else f"{base}+{best}",
+                    "-" if best is None else num(stage["layer_scores"][str(best)]),
+                    "-" if best is None else pp(stage["gains"][str(best)]),
+                    "yes" if stage["selected"] is not None else "no",
+                    str(stage["passes"]), str(sub.sweep_passes()), sub.selected_label,
+                ])
+        self.doc.table(["sub-task", "layers", "probe score", "best addition", "probe score", "gain pp", "kept",
+                        "passes (this step)", "passes (single-layer sweep)", "final knockout"], rows)
+        self.doc.paragraph("A step adds the best further layer when it beats the layers already chosen by more than the "
+                           "threshold under the run's selection rule; each pass is one variant over the probe docs.")
+
+    def transfer(self, run: Run) -> None:
+        self.doc.heading("Cross-task transfer", 3)
+        matrix = transfer_matrix(run)
+        if not matrix.sources or np.isnan(matrix.gains).all():
+            self.doc.paragraph("Not computed: run TaLo with `transfer=true` (or `test_all_layers=true`) to score each "
+                               "sub-task's test docs under the other sub-tasks' selected layers.")
+            return
+        self.figure(f"{run.key}_transfer", lambda p: figures.transfer_heatmap(matrix, run.label, p),
+                    "Test gain (knocked out − full model) of applying the row's selected layer to the column's sub-task.")
+        own = [matrix.gains[i, matrix.targets.index(s)] for i, s in enumerate(matrix.sources)]
+        others = [matrix.gains[i, j] for i, s in enumerate(matrix.sources) for j, t in enumerate(matrix.targets) if t != s]
+        mean = lambda v: float(np.nanmean(v)) if v and not np.isnan(v).all() else None  # noqa: E731
+        rows = [[f"{s} (layer {l})"] + [pp(g) for g in matrix.gains[i]] for i, (s, l) in enumerate(zip(matrix.sources, matrix.source_labels))]
+        self.doc.table(["selected on \\ applied to"] + matrix.targets, rows)
+        text = (f"Mean test gain of a sub-task's own selection {pp(mean(own))} pp; of another sub-task's selection "
+                f"{pp(mean(others))} pp.")
+        if matrix.unselected:
+            text += f" Kept the full model (no row): {', '.join(matrix.unselected)}."
+        self.doc.paragraph(text)
+        self.numbers["runs"][run.key]["transfer"] = {
+            "sources": matrix.sources, "layers": matrix.source_labels, "targets": matrix.targets,
+            "gains": [[None if g != g else float(g) for g in row] for row in matrix.gains],
+            "mean_own": mean(own), "mean_other": mean(others),
+        }
+
+    def rules(self, run: Run) -> None:
+        self.doc.heading("Selection rules on the test docs", 3)
+        choices = rule_choices(run)
+        if not choices:
+            self.doc.paragraph("No sub-task was swept.")
+            return
+        summaries = summarize(choices)
+        self.doc.table(
+            ["rule", "sub-tasks", "knocked out", "helped", "hurt", "unchanged", "not scored on test", "mean test gain pp"],
+            [[s.rule, str(s.subtasks), str(s.knocked_out), str(s.helped), str(s.hurt), str(s.unchanged), str(s.unknown),
+              pp(s.mean_test_gain)] for s in summaries],
+        )
+        rule = run.rule()
+        self.doc.paragraph(
+            f"Each rule decides offline on the final probe set of every sub-task (threshold {rule.threshold:g}, "
+            f"alpha {rule.alpha:g}, {rule.resamples} bootstrap resamples, seed {rule.seed}); its choice is then looked up in "
+            "the test scores. Keeping the full model counts as a gain of 0. 'Not scored' needs `test_all_layers=true`."
+        )
+        per_sub: dict[str, dict] = {}
+        for c in choices:
+            per_sub.setdefault(c.subtask, {})[c.rule] = c
+        rows = []
+        for name, by_rule in per_sub.items():
+            rows.append([name] + [
+                "none" if c.layer is None else f"{c.layer} (probe {pp(c.probe_gain)}, test {pp(c.test_gain)})"
+                for c in (by_rule[r] for r in RULES)
+            ])
+        self.doc.table(["sub-task"] + list(RULES), rows)
+        scatter = probe_vs_test(run)
+        if len(scatter.x) >= 3:
+            self.figure(f"{run.key}_probe_vs_test",
+                        lambda p: figures.agreement_scatter(scatter, "probe gain", "test gain", f"{run.label}\nprobe gain vs test gain", p),
+                        "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs.")
+            self.doc.paragraph(f"Probe vs test gain over {len(scatter.x)} task-layer pairs: Pearson r {num(scatter.pearson)}, "
+                               f"Spearman ρ {num(scatter.spearman)}.")
+        self.numbers["runs"][run.key]["rules"] = {
+            "summary": [asdict(s) for s in summaries], "choices": [asdict(c) for c in choices],
+            "probe_vs_test": {"n": len(scatter.x), "pearson": scatter.pearson, "spearman": scatter.spearman},
+        }
+
+    def agreement(self) -> None:
+        pairs = intervention_pairs(self.runs)
+        if not pairs:
+            return
+        self.doc.heading("Agreement between interventions", 2)
+        for a, b in pairs:
+            result = between_runs(a, b)
+            ia, ib = a.config.get("intervention"), b.config.get("intervention")
+            if len(result.x) < 3:
+                self.doc.paragraph(f"{a.key} ({ia}) and {b.key} ({ib}) share fewer than 3 task-layer pairs: no comparison.")
+                continue
+            self.figure(
+                f"agreement_{a.key}_{b.key}",
+                lambda p: figures.agreement_scatter(result, f"probe gain, {ia} ({a.key})", f"probe gain, {ib} ({b.key})",
+                                                    f"{a.model_name}: {ia} vs {ib} knockout", p),
+                f"Probe gain of every task-layer pair under {ia} ({a.key}) and {ib} ({b.key}), on the same probe docs.",
+            )
+            self.doc.paragraph(f"{ia} vs {ib}: Pearson r {num(result.pearson)}, Spearman ρ {num(result.spearman)} "
+                               f"over {len(result.x)} task-layer pairs.")
+            self.numbers["agreement"].append({"runs": [a.key, b.key], "interventions": [ia, ib], "n": len(result.x),
+                                              "pearson": result.pearson, "spearman": result.spearman})
+
+
+def write_report(paths: list, out: Path, options: ReportOptions = ReportOptions()) -> Path:
+    """Analyse the TaLo reports at `paths` into the folder `out`; returns the Markdown file."""
+    runs = load_runs(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    builder = ReportBuilder(runs, out, options)
+    builder.build()
+    (out / "report.md").write_text(builder.doc.to_markdown())
+    (out / "report.html").write_text(builder.doc.to_html())
+    (out / "analysis.json").write_text(json.dumps(_plain(builder.numbers), indent=2, allow_nan=False))
+    return out / "report.md"
+
+
+def _plain(value):
+    """JSON-ready: numpy scalars as Python numbers, NaN (an undefined statistic) as null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -1,0 +1,64 @@
+"""The paper-style results table: per sub-task base and TaLo scores on the test docs, the difference,
+the selected layer(s); and per task the mean over its sub-tasks (macro) and over its test docs (micro)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .runs import Run, Subtask
+
+
+@dataclass
+class Row:
+    task: str
+    subtask: str
+    n: int
+    base: float | None
+    talo: float | None
+    layers: str  # '7', '3+7', or '-' for the full model
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.base is None or self.talo is None else self.talo - self.base
+
+
+def _test_entry(sub: Subtask, which: str) -> dict:
+    return sub.data.get("test", {}).get(which) or {}
+
+
+def _micro(subs: list[Subtask], which: str) -> float | None:
+    """Mean over all test docs of the sub-tasks (what a task-level aggregate over test docs gives)."""
+    total = weight = 0.0
+    for sub in subs:
+        entry = _test_entry(sub, which)
+        if entry.get("score") is None:
+            return None
+        total += entry["score"] * entry["n"]
+        weight += entry["n"]
+    return total / weight if weight else None
+
+
+def _macro(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+def subtask_row(sub: Subtask) -> Row:
+    talo = _test_entry(sub, "talo")
+    label = sub.selected_label
+    return Row(sub.task, sub.name, talo.get("n", 0), _test_entry(sub, "base").get("score"), talo.get("score"),
+               "-" if label == "base" else label)
+
+
+def paper_table(run: Run) -> list[tuple[str, list[Row], Row, Row]]:
+    """Per task: (task, sub-task rows, macro-mean row, micro-mean row)."""
+    tasks: dict[str, list[Subtask]] = {}
+    for sub in run.subtasks:
+        tasks.setdefault(sub.task, []).append(sub)
+    table = []
+    for task, subs in tasks.items():
+        rows = [subtask_row(s) for s in subs]
+        n = sum(r.n for r in rows)
+        macro = Row(task, f"{task}: mean of {len(rows)} sub-task(s)", n, _macro([r.base for r in rows]), _macro([r.talo for r in rows]), "")
+        micro = Row(task, f"{task}: all test docs", n, _micro(subs, "base"), _micro(subs, "talo"), "")
+        table.append((task, rows, macro, micro))
+    return table

@@ -1,0 +1,370 @@
+"""Prefix replay: a knockout of layer l cannot change the vision tower or decoder layers < l, so
+their prefill work is recorded once per model call in the baseline pass and replayed for variant l.
+
+How it plugs in: `PrefixReplay(model).installed()` patches, for its duration only, three kinds of
+bound methods on the Hugging Face model (restored in `finally`, exceptions included):
+  - the text model's `forward` (the module that owns the decoder layer list): on a prefill call
+    (empty or no KV cache) it looks for a record whose inputs equal this call's inputs exactly
+    (every tensor compared with torch.equal: input embeddings, which already hold the image
+    features, attention mask, position ids (Qwen2-VL's 3D rope positions), Qwen3-VL's deepstack
+    features, ...); decode steps always run normally;
+  - each decoder layer's `forward`: in the base pass it records the layer's output and every K/V
+    write it makes (`cache.update(...)` arguments); in variant l, layers < l return their recorded
+    output and repeat their recorded K/V writes into the live cache (so decoding stays exact and the
+    cache length seen by the mask and 3D rope code is right), layers >= l compute;
+  - `get_image_features` / `get_video_features` of the multimodal model: the vision tower and
+    projector run once per distinct input; interventions never touch them.
+Between replayed layers the text model still runs its own code (Qwen3-VL adds its deepstack
+features after early layers there), which is why records hold each layer's own output.
+
+A call whose inputs match no record, or that replay cannot reproduce exactly (attention weights
+requested, a legacy tuple cache, cache writes other than `update`, a positional call), is computed
+in full: never a silently different answer. Each such case is logged once.
+
+Memory bound: records live until `forget()`, which the sweep calls after each doc. For one doc they
+hold, per model call of that doc (1 per generate_until request, 1 per loglikelihood option), for
+each layer below `replay_below`: the layer output (batch x seq x hidden) and its K/V
+(2 x batch x kv_heads x seq x head_dim), plus the vision features of the doc's images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .backbone import decoder_layers, unwrap
+from .interventions import Knockout
+
+log = logging.getLogger("lmms_talo")
+
+VISION_METHODS = ("get_image_features", "get_video_features")
+# Cache methods that change state beyond K/V writes (linear-attention and indexer caches): replay
+# does not reproduce them, so a record that saw one is dropped.
+UNREPLAYABLE_CACHE_WRITES = ("update_conv_state", "update_recurrent_state", "update_indexer")
+RECORD = "record"
+
+
+def fresh(value: Any) -> Any:
+    """A copy whose tensors nobody else holds: records are never aliased by the model's own buffers."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, ModelOutput):
+        return type(value)(**{k: fresh(v) for k, v in value.items()})
+    if isinstance(value, dict):
+        items = {k: fresh(v) for k, v in value.items()}
+        return items if type(value) is dict else type(value)(items)
+    if isinstance(value, (list, tuple)):
+        items = [fresh(v) for v in value]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    return value
+
+
+def same(a: Any, b: Any) -> bool:
+    """Exact equality of model inputs: tensors bit for bit (dtype, shape and device included)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+        )
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if a is b:
+        return True
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # objects whose == is not a plain truth value: not provably equal
+        return False
+
+
+@dataclass
+class LayerRecord:
+    output: Any
+    cache_writes: list  # [(args, kwargs)] of each cache.update call the layer made
+
+
+@dataclass
+class PrefillRecord:
+    key: dict
+    layers: list  # LayerRecord per layer below replay_below (None until recorded)
+    replayable: bool = True
+
+    def complete(self) -> bool:
+        return self.replayable and all(layer is not None for layer in self.layers)
+
+
+@dataclass
+class ReplayStats:
+    """Work done and saved while installed; decode steps count as computed layer calls."""
+
+    layers_computed: int = 0  # decoder-layer forwards of the patched layers that ran
+    layers_replayed: int = 0  # decoder-layer forwards answered from a record
+    prefills_recorded: int = 0
+    prefills_replayed: int = 0
+    prefills_unmatched: int = 0  # variant prefills with no matching record: computed in full
+    vision_computed: int = 0
+    vision_replayed: int = 0
+
+
+@dataclass
+class _Recording:
+    record: PrefillRecord
+
+
+@dataclass
+class _Replaying:
+    record: PrefillRecord
+    start: int
+
+
+@dataclass
+class _VisionRecord:
+    key: tuple
+    output: Any
+
+
+def _is_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+def _owner_of(root: nn.Module, child: nn.Module) -> nn.Module | None:
+    for module in root.modules():
+        if any(c is child for c in module.children()):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, replacement: Callable) -> Iterator[None]:
+    """Shadow a bound method with an instance attribute; restore exactly what was there."""
+    had_own = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, replacement)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
+
+
+@contextlib.contextmanager
+def _capturing_writes(cache: Any, record: PrefillRecord) -> Iterator[list]:
+    """Record the arguments of every cache.update call made inside the block."""
+    writes: list = []
+    if cache is None:
+        yield writes
+        return
+    original = cache.update
+
+    def update(*args, **kwargs):
+        writes.append((fresh(args), fresh(kwargs)))
+        return original(*args, **kwargs)
+
+    def refusing(name):
+        method = getattr(cache, name)
+
+        def call(*args, **kwargs):
+            record.replayable = False
+            return method(*args, **kwargs)
+
+        return call
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(cache, "update", update))
+        for name in UNREPLAYABLE_CACHE_WRITES:
+            if callable(getattr(cache, name, None)):
+                stack.enter_context(_patched(cache, name, refusing(name)))
+        yield writes
+
+
+class PrefixReplay:
+    """Record the base prefill of each model call; replay its unchanged prefix in knockout variants.
+
+    Use: `with replay.installed():` around the sweep; `with replay.variant(knockout):` around each
+    pass (None = the base pass, which records); `replay.forget()` when a doc is done.
+    """
+
+    def __init__(self, model: nn.Module, replay_below: int | None = None):
+        self.model = unwrap(model)
+        sites = decoder_layers(self.model)
+        self.layers = [site.layer for site in sites]
+        self.replay_below = len(sites) if replay_below is None else max(0, min(replay_below, len(sites)))
+        layer_list = _owner_of(self.model, self.layers[0])
+        self.text_model = _owner_of(self.model, layer_list) if layer_list is not None else None
+        self.vision_owner = self._find_vision_owner()
+        self.stats = ReplayStats()
+        self.records: list[PrefillRecord] = []
+        self.vision_records: list[_VisionRecord] = []
+        self._phase: str | int | None = None  # None: pass through; RECORD; int: replay layers below it
+        self._active: _Recording | _Replaying | None = None
+        self._in_vision = False
+        self._warned: set[str] = set()
+
+    def _find_vision_owner(self) -> nn.Module | None:
+        """The multimodal model whose forward calls self.get_image_features and then its text model."""
+        if self.text_model is None:
+            return None
+        owner = _owner_of(self.model, self.text_model)
+        if owner is not None and any(callable(getattr(owner, name, None)) for name in VISION_METHODS):
+            return owner
+        return None
+
+    # --- lifecycle ---
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["PrefixReplay"]:
+        """Patch the model for the block; on exit every patch is undone and every record freed."""
+        if self.text_model is None:
+            self._note("the text model that owns the decoder layers was not found: prefix replay is off")
+            yield self
+            return
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(_patched(self.text_model, "forward", self._wrap_text(self.text_model.forward)))
+                for index, layer in enumerate(self.layers[: self.replay_below]):
+                    stack.enter_context(_patched(layer, "forward", self._wrap_layer(index, layer.forward)))
+                if self.vision_owner is not None:
+                    for name in VISION_METHODS:
+                        method = getattr(self.vision_owner, name, None)
+                        if callable(method):
+                            stack.enter_context(_patched(self.vision_owner, name, self._wrap_vision(name, method)))
+                yield self
+            finally:
+                self.forget()
+                self._phase = None
+                self._active = None
+
+    @contextlib.contextmanager
+    def variant(self, knockout: Knockout | None) -> Iterator[None]:
+        """The pass of one variant: the base pass records, a knockout replays layers below its lowest layer."""
+        self._phase = RECORD if knockout is None or not knockout.layers else min(min(knockout.layers), self.replay_below)
+        try:
+            yield
+        finally:
+            self._phase = None
+
+    def forget(self) -> None:
+        self.records.clear()
+        self.vision_records.clear()
+
+    def _note(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("lmms-talo prefix replay: %s; those passes are computed in full", reason)
+
+    # --- the patched methods ---
+
+    def _unreplayable(self, args: tuple, kwargs: dict) -> str | None:
+        if args:
+            return "the text model was called with positional arguments"
+        config = getattr(self.text_model, "config", None)
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            return "attention weights were requested (replayed layers compute none)"
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not _is_cache(cache):
+            return f"the KV cache is a {type(cache).__name__}, not a transformers Cache"
+        return None
+
+    def _wrap_text(self, original: Callable) -> Callable:
+        @functools.wraps(original)  # transformers inspects signatures (generate pre-encodes images)
+        def forward(*args, **kwargs):
+            phase = self._phase
+            if phase is None or self._active is not None:
+                return original(*args, **kwargs)
+            cache = kwargs.get("past_key_values")
+            if cache is not None and _is_cache(cache) and cache.get_seq_length() > 0:
+                return original(*args, **kwargs)  # a decode step: nothing to replay
+            reason = self._unreplayable(args, kwargs)
+            if reason:
+                self._note(reason)
+                return original(*args, **kwargs)
+            key = {name: value for name, value in kwargs.items() if name != "past_key_values"}
+            key["__cache__"] = type(cache)
+            if phase == RECORD:
+                return self._record(original, key, kwargs)
+            if phase == 0:
+                return original(**kwargs)
+            record = next((r for r in self.records if same(r.key, key)), None)
+            if record is None:
+                self.stats.prefills_unmatched += 1
+                log.debug("lmms-talo prefix replay: no recorded prefill matches this call; computing it in full")
+                return original(**kwargs)
+            self._active = _Replaying(record, phase)
+            try:
+                output = original(**kwargs)
+            finally:
+                self._active = None
+            self.stats.prefills_replayed += 1
+            return output
+
+        return forward
+
+    def _record(self, original: Callable, key: dict, kwargs: dict) -> Any:
+        record = PrefillRecord(fresh(key), [None] * self.replay_below)
+        self._active = _Recording(record)
+        try:
+            output = original(**kwargs)
+        finally:
+            self._active = None
+        if record.complete():
+            self.records.append(record)
+            self.stats.prefills_recorded += 1
+        elif not record.replayable:
+            self._note("the KV cache was changed by a method other than update (linear attention / indexer caches)")
+        else:
+            self._note("a decoder layer was not called during the prefill")
+        return output
+
+    def _wrap_layer(self, index: int, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            active = self._active
+            if isinstance(active, _Replaying) and index < active.start:
+                layer = active.record.layers[index]
+                cache = kwargs.get("past_key_values")
+                for write_args, write_kwargs in layer.cache_writes:
+                    cache.update(*fresh(write_args), **fresh(write_kwargs))
+                self.stats.layers_replayed += 1
+                return fresh(layer.output)
+            self.stats.layers_computed += 1
+            if isinstance(active, _Recording):
+                with _capturing_writes(kwargs.get("past_key_values"), active.record) as writes:
+                    output = original(*args, **kwargs)
+                active.record.layers[index] = LayerRecord(fresh(output), writes)
+                return output
+            return original(*args, **kwargs)
+
+        return forward
+
+    def _wrap_vision(self, name: str, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def method(*args, **kwargs):
+            if self._phase is None or self._in_vision:
+                return original(*args, **kwargs)
+            key = (name, args, kwargs)
+            hit = next((r for r in self.vision_records if same(r.key, key)), None)
+            if hit is not None:
+                self.stats.vision_replayed += 1
+                return fresh(hit.output)
+            self._in_vision = True  # Qwen3-VL's get_video_features calls get_image_features
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                self._in_vision = False
+            self.stats.vision_computed += 1
+            self.vision_records.append(_VisionRecord(fresh(key), fresh(output)))
+            return output
+
+        return method

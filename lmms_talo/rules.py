@@ -1,0 +1,146 @@
+"""Selection rules: how strong must a probe gain be before TaLo knocks a layer out?
+
+`gain` is the paper's rule (select.decide_round): the best layer, if its mean probe gain clears the
+threshold. On 10-20 probe docs that rule often picks noise, so two guarded rules also ask that the
+gain be unlikely to be chance:
+
+  sign_test  exact one-sided sign test on the discordant probe docs (those whose score differs
+             between the knockout and the reference): p < alpha.
+  bootstrap  paired bootstrap over the probe docs: the alpha-quantile of the resampled gains (a
+             one-sided 1 - alpha lower confidence bound) is above the threshold.
+
+A layer must clear the gain threshold and the test; among the layers that do, the highest gain wins
+and ties go to the lowest layer. The test is run for each candidate layer without a correction for
+the number of candidates; lower `select_alpha` to guard against that too.
+
+A rule decides the round that the probe sweep ended on: the sweep redraws the probe set as the paper
+does until some layer's gain clears the threshold, and the guarded rule then accepts or rejects that
+round's best layers. It never asks for more redraws, which would repeat the test until it passes.
+Every statistic is a pure function of the per-doc scores and the seed, so the report's per-doc
+records reproduce each rule's decision offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+from .select import RoundOutcome, decide_round
+
+RULES = ("gain", "sign_test", "bootstrap")
+
+
+class RuleError(ValueError):
+    """A selection rule was configured with a bad value."""
+
+
+def sign_test_p(reference: Sequence[float], knocked: Sequence[float]) -> float:
+    """P(at least this many discordant docs favour the knockout | no effect): exact binomial, one-sided."""
+    better = sum(1 for r, k in zip(reference, knocked) if k > r)
+    worse = sum(1 for r, k in zip(reference, knocked) if k < r)
+    discordant = better + worse
+    if discordant == 0:
+        return 1.0
+    return sum(math.comb(discordant, j) for j in range(better, discordant + 1)) / 2**discordant
+
+
+def bootstrap_indices(n_docs: int, samples: int, seed: int, stream: str) -> np.ndarray:
+    """`samples` resamples (with replacement) of n_docs positions; seeded by (seed, stream) only."""
+    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
+    return rng.integers(0, n_docs, size=(samples, n_docs))
+
+
+def bootstrap_lower_bound(differences: np.ndarray, indices: np.ndarray, alpha: float) -> float:
+    """The alpha-quantile of the mean paired difference over the resamples."""
+    return float(np.quantile(differences[indices].mean(axis=1), alpha))
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    name: str = "gain"
+    threshold: float = 0.0
+    alpha: float = 0.05
+    resamples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in RULES:
+            raise RuleError(f"select_rule={self.name!r} is unknown: choose one of {', '.join(RULES)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise RuleError(f"select_alpha must lie strictly between 0 and 1, got {self.alpha}")
+        if self.resamples < 1:
+            raise RuleError(f"select_resamples must be at least 1, got {self.resamples}")
+
+    @property
+    def guarded(self) -> bool:
+        return self.name != "gain"
+
+    def evidence(
+        self,
+        probe_docs: Sequence[Hashable],
+        reference: Mapping[Hashable, float],
+        layer_doc_scores: Mapping[int, Mapping[Hashable, float]],
+        stream: str,
+    ) -> dict[int, float]:
+        """Per layer: the sign test's p-value, or the bootstrap lower bound of the gain."""
+        ref = np.array([reference[d] for d in probe_docs], dtype=float)
+        if self.name == "sign_test":
+            return {l: sign_test_p(ref, [s[d] for d in probe_docs]) for l, s in layer_doc_scores.items()}
+        if self.name == "bootstrap":
+            indices = bootstrap_indices(len(ref), self.resamples, self.seed, stream)
+            return {
+                l: bootstrap_lower_bound(np.array([s[d] for d in probe_docs], dtype=float) - ref, indices, self.alpha)
+                for l, s in layer_doc_scores.items()
+            }
+        return {}
+
+    def passes(self, statistic: float) -> bool:
+        return statistic < self.alpha if self.name == "sign_test" else statistic > self.threshold
+
+    def describe(self, statistic: float) -> str:
+        if self.name == "sign_test":
+            return f"sign test p={statistic:.3g} (alpha {self.alpha:g})"
+        return f"bootstrap {1 - self.alpha:.0%} lower bound {statistic:+.3f} (threshold {self.threshold:g})"
+
+    def decide(
+        self,
+        probe_docs: Sequence[Hashable],
+        reference: Mapping[Hashable, float],
+        layer_doc_scores: Mapping[int, Mapping[Hashable, float]],
+        stream: str = "",
+    ) -> RoundOutcome:
+        """The rule's decision on one probe set; `reference` is the model the knockouts compete with
+        (the full model, or the layers already knocked out in a multi-layer search)."""
+        outcome = decide_round(probe_docs, reference, layer_doc_scores, self.threshold)
+        if not self.guarded or not outcome.gains:
+            return outcome
+        evidence = self.evidence(probe_docs, reference, layer_doc_scores, stream)
+        passing = {l: g for l, g in outcome.gains.items() if g > self.threshold and self.passes(evidence[l])}
+        if not passing:
+            best = outcome.tied_layers[0]
+            reason = (
+                f"{self.name}: no layer's gain is both above the threshold {self.threshold:g} and unlikely to be "
+                f"chance (best gain {outcome.gains[best]:+.3f} at layer {best}, {self.describe(evidence[best])})"
+            )
+            return dataclasses.replace(outcome, selected=None, reason=reason, evidence=evidence)
+        top = max(passing.values())
+        tied = tuple(sorted(l for l, g in passing.items() if g == top))
+        reason = f"{self.name}: layer {tied[0]} gains {top:+.3f} on the probe set, {self.describe(evidence[tied[0]])}"
+        if len(tied) > 1:
+            reason += f" (tied with layers {', '.join(map(str, tied[1:]))}; the lowest layer wins ties)"
+        return dataclasses.replace(outcome, selected=tied[0], reason=reason, tied_layers=tied, evidence=evidence)
+
+    def apply(self, result, stream: str) -> None:
+        """Replace the sweep's final round (decided by the gain rule) with this rule's decision."""
+        if not self.guarded:
+            return
+        final = result.final
+        docs = [str(d) for d in final.probe_docs]
+        layers = {l: result.doc_scores[str(l)] for l in final.layer_scores}
+        decided = self.decide(docs, result.doc_scores["base"], layers, stream)
+        result.rounds[-1] = dataclasses.replace(decided, probe_docs=final.probe_docs)

@@ -1,0 +1,90 @@
+"""Bad input fails early with an error that names the problem and the fix."""
+
+import pytest
+
+from harness import write_image_task
+from lmms_talo.config import TaloArgumentError, TaloConfig, parse_layers
+from lmms_talo.interventions import InterventionError
+from lmms_talo.probe import ProbeSplitError
+from lmms_talo.subtasks import CategoryFieldError
+from tiny_models import LMMS_EVAL_MODEL_ARGS
+
+
+def test_layer_specs():
+    assert parse_layers("1-3") == (1, 2, 3)
+    assert parse_layers("1..3;7") == (1, 2, 3, 7)
+    assert parse_layers("5|2") == (5, 2)
+    assert parse_layers(None) is None
+    with pytest.raises(TaloArgumentError, match="range '5-2' is empty"):
+        parse_layers("5-2")
+    with pytest.raises(TaloArgumentError, match="cannot parse layers='a-b'"):
+        parse_layers("a-b")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"intervention": "zeroes"}, "unknown intervention 'zeroes'"),
+        ({"probe_shots": "0"}, "probe_shots must be at least 1"),
+        ({"probe_shots": "ten"}, "bad value for model arg probe_shots='ten'"),
+        ({"granularity": "doc"}, "granularity must be one of"),
+        ({"layers": ";"}, "names no layer"),
+        ({"resample_rounds": "0"}, "resample_rounds must be at least 1"),
+    ],
+)
+def test_bad_model_args(args, message):
+    with pytest.raises((TaloArgumentError, InterventionError), match=message):
+        TaloConfig.pop_from(dict(args))
+
+
+def test_talo_args_are_removed_before_the_base_class():
+    kwargs = {"probe_shots": "15", "layers": "2-4", "pretrained": "x", "device": "cpu", "category_field": "cat"}
+    config = TaloConfig.pop_from(kwargs)
+    assert kwargs == {"pretrained": "x", "device": "cpu"}
+    assert (config.probe_shots, config.layers, config.granularity) == (15, (2, 3, 4), "category")
+
+
+@pytest.fixture(scope="module")
+def llava_cls():
+    from lmms_eval.models import get_model
+
+    return get_model("talo_llava", force_simple=True)
+
+
+def _build(cls, model_dir, extra):
+    return cls.create_from_arg_string(f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['llava']},{extra}")
+
+
+def test_layer_out_of_range_at_load(llava_cls, tiny_model_dir):
+    with pytest.raises(InterventionError, match="layers 4, 5, 6, 7, 8, 9 are out of range: the language backbone has 4 decoder layers"):
+        _build(llava_cls, tiny_model_dir("llava"), "layers=1-9")
+    with pytest.raises(InterventionError, match="layer 4 is out of range"):
+        _build(llava_cls, tiny_model_dir("llava"), "force_layer=4")
+
+
+def _evaluate(lm, folder, task):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    return simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(folder)), batch_size=1)
+
+
+def test_fewer_docs_than_probe_shots(llava_cls, tiny_model_dir, tmp_path):
+    folder = write_image_task(tmp_path, "talo_small", ["a"] * 8)
+    lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=3,state_dir=none")
+    with pytest.raises(ProbeSplitError, match="'talo_small' has 8 docs, but probe_shots=3 needs at least 9"):
+        _evaluate(lm, folder, "talo_small")
+
+
+def test_missing_category_field(llava_cls, tiny_model_dir, tmp_path):
+    folder = write_image_task(tmp_path, "talo_nocat", ["a"] * 12)
+    lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,category_field=subject,state_dir=none")
+    with pytest.raises(CategoryFieldError, match="no field 'subject'.*one of: question, answer, image, category"):
+        _evaluate(lm, folder, "talo_nocat")
+
+
+def test_category_granularity_without_a_known_field(llava_cls, tiny_model_dir, tmp_path):
+    folder = write_image_task(tmp_path, "talo_unknown", ["a"] * 12)
+    lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,granularity=category,state_dir=none")
+    with pytest.raises(CategoryFieldError, match="no known category field: set category_field"):
+        _evaluate(lm, folder, "talo_unknown")
