@@ -88,3 +88,14 @@ def test_category_granularity_without_a_known_field(llava_cls, tiny_model_dir, t
     lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,granularity=category,state_dir=none")
     with pytest.raises(CategoryFieldError, match="no known category field: set category_field"):
         _evaluate(lm, folder, "talo_unknown")
+
+
+def test_failed_generation_in_a_probe_is_an_error_not_a_zero(llava_cls, tiny_model_dir, tmp_path):
+    from lmms_talo.lmms.adapter import GenerationFailed
+
+    folder = write_image_task(tmp_path, "talo_broken", ["a"] * 12)
+    yaml = folder / "talo_broken.yaml"
+    yaml.write_text(yaml.read_text().replace("max_new_tokens: 4", "max_new_tokens: 4\n  num_beams: 0"))
+    lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,state_dir=none")
+    with pytest.raises(GenerationFailed, match="during a TaLo probe pass"):
+        _evaluate(lm, folder, "talo_broken")
