@@ -32,7 +32,6 @@ _PROJECTION_SETS = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),
     ("wqkv", "wo"),  # InternLM2 (InternVL2/2.5 remote code)
     ("qkv_proj", "o_proj"),  # Phi-3 style packed projections
-    ("c_attn", "c_proj"),  # GPT-2 style
 )
 
 

@@ -2,18 +2,20 @@
 
 Paper interventions (all on one decoder layer's self-attention in the language backbone):
   zero     q/k/v/o weights and biases set to 0, so the attention sub-layer adds exactly 0 to the
-           residual stream. Implemented as a forward hook that zeroes the attention output while
-           the layer still writes its K/V cache (skipping the K/V write breaks transformers' mask
-           sizing); the tests prove it bit-identical to the real weight edit.
+           residual stream. A forward hook zeroes the attention output while the layer still
+           writes its K/V cache (skipping the K/V write breaks transformers' mask sizing).
   uniform  each of those tensors filled with 1/out_features (the authors' "uniform scaling").
   mean     each of those tensors filled with its own scalar mean ("mean substitution").
-uniform/mean are real weight edits: the parameter's storage is swapped for a filled tensor and the
-original tensor object is put back on exit, so restoring is exact and costs no copy.
+uniform and mean are forward hooks on the projections that recompute each output with the filled
+tensors (`F.linear(x, W_filled, b_filled)`, the very call the edited module would make). No weight
+is ever written, so nothing can leak into the model, and the hooks work unchanged when accelerate
+offloads weights to CPU or disk. The tests prove every intervention bit-identical to the real
+weight edit (`edit_weights_in_place`).
 
 Extensions beyond the paper: skip (the whole decoder layer is the identity, K/V still written)
 and mlp_zero (the layer's MLP adds 0).
 
-Nothing leaks: hooks are removed and tensors restored in `finally`, exceptions included.
+Hooks are removed in `finally`, exceptions included.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DecoderLayerSite, decoder_layers
@@ -72,30 +75,41 @@ def check_layers(layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
     return layers
 
 
-# --- tensor fills (shared by the swap-based interventions and by the reference weight edit) ---
+# --- tensor fills (shared by the hooks and by the reference weight edit) ---
 
 
-def _out_features(site: DecoderLayerSite, param: nn.Parameter) -> int:
-    for proj in site.projections:
-        if proj.weight is param or getattr(proj, "bias", None) is param:
-            return getattr(proj, "out_features", None) or proj.weight.shape[0]
-    raise AssertionError("parameter is not one of the site's projections")
+def _fill_value(param: torch.Tensor, out_features: int, intervention: str) -> float:
+    if intervention == "zero":
+        return 0.0
+    if intervention == "uniform":
+        return 1.0 / out_features
+    if intervention == "mean":
+        return param.detach().double().mean().item()
+    raise InterventionError(f"{intervention!r} has no weight-level definition")
 
 
-def filled_attention_tensors(site: DecoderLayerSite, intervention: str) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """The (parameter, replacement) pairs that the weight-level definition of an intervention uses."""
-    pairs = []
-    for param in site.attention_parameters():
-        if intervention == "zero":
-            value = 0.0
-        elif intervention == "uniform":
-            value = 1.0 / _out_features(site, param)
-        elif intervention == "mean":
-            value = param.detach().double().mean().item()
-        else:
-            raise InterventionError(f"{intervention!r} has no weight-level definition")
-        pairs.append((param, torch.full_like(param, value)))
-    return pairs
+def _readable(module: nn.Module):
+    """The module with its real weights in place, also when accelerate offloads them."""
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
+def filled_projection_tensors(proj: nn.Module, intervention: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of one projection as the weight-level definition of `intervention` fills them."""
+    out_features = getattr(proj, "out_features", None) or proj.weight.shape[0]
+    with _readable(proj):
+        weight = torch.full_like(proj.weight, _fill_value(proj.weight, out_features, intervention), device=_device_of(proj))
+        bias = proj.bias
+        if bias is not None:
+            bias = torch.full_like(bias, _fill_value(bias, out_features, intervention), device=_device_of(proj))
+    return weight, bias
+
+
+def _device_of(proj: nn.Module) -> torch.device:
+    hook = getattr(proj, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else proj.weight.device
 
 
 # --- hooks ---
@@ -114,17 +128,11 @@ def _identity_output(module, args, kwargs, output):
     return hidden
 
 
-@contextlib.contextmanager
-def _swapped(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> Iterator[None]:
-    originals = []
-    try:
-        for param, replacement in pairs:
-            originals.append((param, param.data))
-            param.data = replacement
-        yield
-    finally:
-        for param, original in reversed(originals):
-            param.data = original
+def _linear_with(weight: torch.Tensor, bias: torch.Tensor | None):
+    def hook(module, args, output):
+        return F.linear(args[0], weight, bias)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -142,7 +150,10 @@ def _apply_one(site: DecoderLayerSite, intervention: str) -> contextlib.Abstract
     if intervention == "zero":
         return _hooked(lambda: [site.attention.register_forward_hook(_zero_output)])
     if intervention in ("uniform", "mean"):
-        return _swapped(filled_attention_tensors(site, intervention))
+        return _hooked(lambda: [
+            proj.register_forward_hook(_linear_with(*filled_projection_tensors(proj, intervention)))
+            for proj in site.projections
+        ])
     if intervention == "skip":
         return _hooked(lambda: [site.layer.register_forward_hook(_identity_output, with_kwargs=True)])
     if intervention == "mlp_zero":
@@ -172,5 +183,8 @@ def edit_weights_in_place(model: nn.Module, layer: int, intervention: str) -> No
     """The weight-level definition, applied irreversibly (reference for tests and for export)."""
     sites = decoder_layers(model)
     check_layers([layer], len(sites))
-    for param, replacement in filled_attention_tensors(sites[layer], intervention):
-        param.copy_(replacement)
+    for proj in sites[layer].projections:
+        weight, bias = filled_projection_tensors(proj, intervention)
+        proj.weight.copy_(weight)
+        if bias is not None:
+            proj.bias.copy_(bias)
