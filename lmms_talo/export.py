@@ -1,0 +1,81 @@
+"""Bake a knockout into a standard Hugging Face checkpoint, for serving engines (vLLM, SGLang, ...).
+
+The checkpoint is the weight-level definition of the intervention (`edit_weights_in_place`), whose
+logits the tests prove identical to the hook TaLo sweeps with. Only the weight-defined
+interventions can be exported: zero, uniform, mean.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .interventions import PAPER_INTERVENTIONS, InterventionError, edit_weights_in_place
+
+# Files of a checkpoint folder that describe preprocessing, copied unchanged.
+_PREPROCESSING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+    "chat_template.jinja", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+)
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked."""
+
+
+def load_for_export(pretrained: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """The model with its generation head, by the Auto class that fits its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        if type(config) in auto._model_mapping:
+            return auto.from_pretrained(pretrained, dtype=dtype, trust_remote_code=trust_remote_code)
+    raise ExportError(f"no image-text-to-text or causal-LM class for {type(config).__name__} in transformers")
+
+
+def selection_from_report(report_path: str, task: str) -> tuple[int, str]:
+    """(layer, intervention) that a TaLo run selected for `task` (a task or sub-task name)."""
+    report = json.loads(Path(report_path).read_text())
+    names = [g["subtask"] for g in report["subtasks"]]
+    for group in report["subtasks"]:
+        if task in (group["subtask"], group["task"]):
+            if group["selected_layer"] is None:
+                raise ExportError(f"{task!r}: TaLo kept the full model ({group['selection_reason']}); nothing to export")
+            return group["selected_layer"], report["config"]["intervention"]
+    raise ExportError(f"{task!r} is not in {report_path}; it holds: {', '.join(names)}")
+
+
+@torch.no_grad()
+def export(pretrained: str, layer: int, intervention: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+    if intervention not in PAPER_INTERVENTIONS:
+        raise InterventionError(
+            f"cannot export {intervention!r}: only the weight-defined interventions "
+            f"({', '.join(PAPER_INTERVENTIONS)}) have a checkpoint form"
+        )
+    model = load_for_export(pretrained, dtype, trust_remote_code)
+    edit_weights_in_place(model, layer, intervention)
+    model.config.talo = {"knocked_out_layers": [layer], "intervention": intervention, "source": str(pretrained)}
+    out_dir = Path(out)
+    model.save_pretrained(out_dir)
+    source = Path(pretrained)
+    if source.is_dir():
+        for name in _PREPROCESSING_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, out_dir / name)
+    else:
+        _save_preprocessing_from_hub(pretrained, out_dir, trust_remote_code)
+    return out_dir
+
+
+def _save_preprocessing_from_hub(pretrained: str, out_dir: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    except (OSError, ValueError, TypeError):
+        AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
