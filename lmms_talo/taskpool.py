@@ -104,7 +104,8 @@ def check_task_split(task, split: ProbeSplit) -> None:
 # --- docs ---
 
 
-def _without_media(dataset):
+def without_media(dataset):
+    """The dataset without its image and audio columns: reading its fields then decodes no media."""
     import datasets
 
     def is_media(feature) -> bool:
@@ -131,7 +132,7 @@ class SubTaskDocs:
 
     def __call__(self, dataset):
         wanted = {str(v) for v in self.values}
-        light = _without_media(dataset)  # reading the fields must not decode every image
+        light = without_media(dataset)  # reading the fields must not decode every image
         keep = [i for i, doc in enumerate(light) if str(field_value(doc, self.field, self.task)) in wanted]
         if not keep:
             raise TaskProtocolError(

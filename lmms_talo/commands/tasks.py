@@ -39,21 +39,23 @@ def _load(bench, local: str | None):
 
     from ..task_configs.generate import _builtin_tasks_dir, _load_builtin, _local_data
 
-    builtin = _load_builtin(_builtin_tasks_dir() / bench.builtin_yaml)
     try:
         if local is not None:
             return datasets.load_dataset("parquet", data_files={"eval": _local_data(local)}, split="eval"), None
+        builtin = _load_builtin(_builtin_tasks_dir() / bench.builtin_yaml)
         with _offline():
             return datasets.load_dataset(builtin["dataset_path"], builtin.get("dataset_name"), split=builtin["test_split"]), None
     except Exception as exc:  # not cached, or unreadable: the listing goes on without sizes
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        where = "the local data" if local is not None else (
+            f"the HF cache (pre-fetch it, or pass --data {bench.data_name}=PATH)")
+        return None, f"cannot read {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
 def _counts(bench, dataset) -> Counter:
     from ..subtasks import field_value
-    from ..taskpool import _without_media
+    from ..taskpool import without_media
 
-    return Counter(str(field_value(doc, bench.field, bench.group)) for doc in _without_media(dataset))
+    return Counter(str(field_value(doc, bench.field, bench.group)) for doc in without_media(dataset))
 
 
 def _fits(n: int) -> str:
@@ -75,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for bench in chosen:
         counts, why = None, None
-        if args.sizes or bench.folder in data:
-            dataset, why = _load(bench, data.get(bench.folder))
+        if args.sizes or bench.data_name in data:
+            dataset, why = _load(bench, data.get(bench.data_name))
             counts = _counts(bench, dataset) if dataset is not None else None
         print(f"{bench.group}  [{bench.dataset}; {bench.field}; scoring: {bench.scoring}]")
         if why:
