@@ -8,6 +8,7 @@ from typing import Any
 
 from .interventions import check_intervention
 from .rules import RuleError, SelectionRule
+from .sweep import SweepModeError, check_sweep_mode
 
 
 class TaloArgumentError(ValueError):
@@ -52,7 +53,7 @@ def _as_bool(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "n", "off", ""):
         return False
-    raise TaloArgumentError(f"expected a boolean, got {value!r}")
+    raise ValueError(f"expected a boolean (true or false), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class TaloConfig:
     max_layers: int = 1  # > 1: greedy multi-layer search on top of the selected layer (lmms_talo.pairwise)
     transfer: bool = False  # also score each sub-task's test docs under the other sub-tasks' selections
     test_all_layers: bool = False  # also score the test docs under every candidate layer
+    sweep: str = "full"  # full (the whole interaction vector) | select (exact pruning): see lmms_talo.sweep
+    replay: bool = True  # prefix replay of the layers below each knockout: see lmms_talo.replay
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -92,8 +95,14 @@ class TaloConfig:
             raise TaloArgumentError(f"max_layers must be at least 1, got {self.max_layers}")
         try:
             self.selection_rule()
-        except RuleError as exc:
+            check_sweep_mode(self.sweep)
+        except (RuleError, SweepModeError) as exc:
             raise TaloArgumentError(str(exc)) from exc
+        if self.sweep == "select" and self.select_rule != "gain":
+            raise TaloArgumentError(
+                f"sweep=select prunes layers by the gain rule's bounds, so it cannot serve select_rule="
+                f"{self.select_rule} (which needs every layer's scores): use sweep=full, or select_rule=gain"
+            )
 
     def selection_rule(self) -> SelectionRule:
         return SelectionRule(self.select_rule, self.threshold, self.select_alpha, self.select_resamples, self.seed)
@@ -121,6 +130,8 @@ class TaloConfig:
             "max_layers": int,
             "transfer": _as_bool,
             "test_all_layers": _as_bool,
+            "sweep": str,
+            "replay": _as_bool,
         }
         values = {}
         for name, convert in converters.items():

@@ -1,13 +1,16 @@
 """Prefix replay: a knockout of layer l cannot change the vision tower or decoder layers < l, so
-their prefill work is recorded once per model call in the baseline pass and replayed for variant l.
+their work is recorded once per model call in the baseline pass and replayed for variant l.
 
 How it plugs in: `PrefixReplay(model).installed()` patches, for its duration only, three kinds of
 bound methods on the Hugging Face model (restored in `finally`, exceptions included):
-  - the text model's `forward` (the module that owns the decoder layer list): on a prefill call
-    (empty or no KV cache) it looks for a record whose inputs equal this call's inputs exactly
-    (every tensor compared with torch.equal: input embeddings, which already hold the image
-    features, attention mask, position ids (Qwen2-VL's 3D rope positions), Qwen3-VL's deepstack
-    features, ...); decode steps always run normally;
+  - the text model's `forward` (the module that owns the decoder layer list): it looks for a record
+    whose inputs equal this call's inputs exactly (every tensor compared with torch.equal: input
+    embeddings, which already hold the image features, attention mask, position ids (Qwen2-VL's
+    3D rope positions), Qwen3-VL's deepstack features, ...). A call on a non-empty KV cache (the
+    continuations scored on a shared context's cache, a chunked prefill) must also find, in every
+    cache entry the replayed layers write, exactly the K/V the recorded call found there. Decode
+    steps (one new position) always compute in full: replaying one would save one position's work
+    and cost a comparison of the whole cache;
   - each decoder layer's `forward`: in the base pass it records the layer's output and every K/V
     write it makes (`cache.update(...)` arguments); in variant l, layers < l return their recorded
     output and repeat their recorded K/V writes into the live cache (so decoding stays exact and the
@@ -22,9 +25,11 @@ requested, a legacy tuple cache, cache writes other than `update`, a positional 
 in full: never a silently different answer. Each such case is logged once.
 
 Memory bound: records live until `forget()`, which the sweep calls after each doc. For one doc they
-hold, per model call of that doc (1 per generate_until request, 1 per loglikelihood option), for
-each layer below `replay_below`: the layer output (batch x seq x hidden) and its K/V
-(2 x batch x kv_heads x seq x head_dim), plus the vision features of the doc's images.
+hold, per recorded model call of that doc (a generate_until request's prefill; each loglikelihood
+forward, or a shared context and its continuation batch), for each layer below `replay_below`: the
+layer output (batch x new positions x hidden) and its K/V (2 x batch x kv_heads x new positions x
+head_dim); for a call on a non-empty cache, a copy of that cache as the call found it; and the
+vision features of the doc's images.
 """
 
 from __future__ import annotations
@@ -92,9 +97,10 @@ class LayerRecord:
 
 
 @dataclass
-class PrefillRecord:
+class CallRecord:
     key: dict
     layers: list  # LayerRecord per layer below replay_below (None until recorded)
+    cache_before: list | None = None  # a non-empty cache's (keys, values) per entry, as the call found it
     replayable: bool = True
 
     def complete(self) -> bool:
@@ -107,21 +113,21 @@ class ReplayStats:
 
     layers_computed: int = 0  # decoder-layer forwards of the patched layers that ran
     layers_replayed: int = 0  # decoder-layer forwards answered from a record
-    prefills_recorded: int = 0
-    prefills_replayed: int = 0
-    prefills_unmatched: int = 0  # variant prefills with no matching record: computed in full
+    calls_recorded: int = 0
+    calls_replayed: int = 0
+    calls_unmatched: int = 0  # variant calls with no matching record: computed in full
     vision_computed: int = 0
     vision_replayed: int = 0
 
 
 @dataclass
 class _Recording:
-    record: PrefillRecord
+    record: CallRecord
 
 
 @dataclass
 class _Replaying:
-    record: PrefillRecord
+    record: CallRecord
     start: int
 
 
@@ -144,6 +150,52 @@ def _owner_of(root: nn.Module, child: nn.Module) -> nn.Module | None:
     return None
 
 
+def _new_positions(kwargs: dict) -> int:
+    """Positions per row this call adds to the sequence."""
+    tokens = kwargs.get("inputs_embeds")
+    tokens = tokens if tokens is not None else kwargs.get("input_ids")
+    return tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else 0
+
+
+def _cache_contents(cache: Any) -> list | None:
+    """(keys, values) of every cache entry ((None, None) while unwritten); None if an entry keeps
+    its state another way (quantized, linear attention)."""
+    contents = []
+    for layer in getattr(cache, "layers", None) or []:
+        if not getattr(layer, "is_initialized", False):
+            contents.append((None, None))
+            continue
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+            return None
+        contents.append((keys, values))
+    return contents or None
+
+
+def _written_entries(record: CallRecord, below: int) -> set | None:
+    """The cache entries that decoder layers < `below` wrote in the recorded call."""
+    entries = set()
+    for layer in record.layers[:below]:
+        for args, kwargs in layer.cache_writes:
+            entry = args[2] if len(args) > 2 else kwargs.get("layer_idx")
+            if not isinstance(entry, int):
+                return None
+            entries.add(entry)
+    return entries
+
+
+def _cache_matches(record: CallRecord, before: list | None, start: int) -> bool:
+    """A call on a non-empty cache may replay layers < start only if the cache entries they write
+    (the ones they attend over) hold what they held when the call was recorded; the entries of
+    later layers differ under a knockout, and do not matter."""
+    if record.cache_before is None or before is None:
+        return record.cache_before is None and before is None
+    entries = _written_entries(record, start)
+    if entries is None or len(record.cache_before) != len(before) or any(e >= len(before) for e in entries):
+        return False
+    return all(same(record.cache_before[e], before[e]) for e in entries)
+
+
 @contextlib.contextmanager
 def _patched(obj: Any, name: str, replacement: Callable) -> Iterator[None]:
     """Shadow a bound method with an instance attribute; restore exactly what was there."""
@@ -160,7 +212,7 @@ def _patched(obj: Any, name: str, replacement: Callable) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _capturing_writes(cache: Any, record: PrefillRecord) -> Iterator[list]:
+def _capturing_writes(cache: Any, record: CallRecord) -> Iterator[list]:
     """Record the arguments of every cache.update call made inside the block."""
     writes: list = []
     if cache is None:
@@ -190,7 +242,7 @@ def _capturing_writes(cache: Any, record: PrefillRecord) -> Iterator[list]:
 
 
 class PrefixReplay:
-    """Record the base prefill of each model call; replay its unchanged prefix in knockout variants.
+    """Record the base pass's model calls; replay their unchanged prefix of layers in knockout variants.
 
     Use: `with replay.installed():` around the sweep; `with replay.variant(knockout):` around each
     pass (None = the base pass, which records); `replay.forget()` when a doc is done.
@@ -205,7 +257,7 @@ class PrefixReplay:
         self.text_model = _owner_of(self.model, layer_list) if layer_list is not None else None
         self.vision_owner = self._find_vision_owner()
         self.stats = ReplayStats()
-        self.records: list[PrefillRecord] = []
+        self.records: list[CallRecord] = []
         self.vision_records: list[_VisionRecord] = []
         self._phase: str | int | None = None  # None: pass through; RECORD; int: replay layers below it
         self._active: _Recording | _Replaying | None = None
@@ -255,6 +307,12 @@ class PrefixReplay:
         finally:
             self._phase = None
 
+    def saves_work(self, knockouts) -> bool:
+        """Whether replaying these knockouts skips more layer forwards than recording costs (one
+        extra base pass, when the base result is already known)."""
+        skipped = sum(min(min(k.layers), self.replay_below) for k in knockouts if k.layers)
+        return skipped > len(self.layers)
+
     def forget(self) -> None:
         self.records.clear()
         self.vision_records.clear()
@@ -283,36 +341,42 @@ class PrefixReplay:
             phase = self._phase
             if phase is None or self._active is not None:
                 return original(*args, **kwargs)
-            cache = kwargs.get("past_key_values")
-            if cache is not None and _is_cache(cache) and cache.get_seq_length() > 0:
-                return original(*args, **kwargs)  # a decode step: nothing to replay
             reason = self._unreplayable(args, kwargs)
             if reason:
                 self._note(reason)
                 return original(*args, **kwargs)
+            cache = kwargs.get("past_key_values")
+            before = None
+            if cache is not None and cache.get_seq_length() > 0:
+                if _new_positions(kwargs) < 2:
+                    return original(**kwargs)  # a decode step: computed in full
+                before = _cache_contents(cache)
+                if before is None:
+                    self._note(f"the entries of a {type(cache).__name__} cannot be compared")
+                    return original(**kwargs)
             key = {name: value for name, value in kwargs.items() if name != "past_key_values"}
             key["__cache__"] = type(cache)
             if phase == RECORD:
-                return self._record(original, key, kwargs)
+                return self._record(original, key, before, kwargs)
             if phase == 0:
                 return original(**kwargs)
-            record = next((r for r in self.records if same(r.key, key)), None)
+            record = next((r for r in self.records if same(r.key, key) and _cache_matches(r, before, phase)), None)
             if record is None:
-                self.stats.prefills_unmatched += 1
-                log.debug("lmms-talo prefix replay: no recorded prefill matches this call; computing it in full")
+                self.stats.calls_unmatched += 1
+                log.debug("lmms-talo prefix replay: no recorded call matches this one; computing it in full")
                 return original(**kwargs)
             self._active = _Replaying(record, phase)
             try:
                 output = original(**kwargs)
             finally:
                 self._active = None
-            self.stats.prefills_replayed += 1
+            self.stats.calls_replayed += 1
             return output
 
         return forward
 
-    def _record(self, original: Callable, key: dict, kwargs: dict) -> Any:
-        record = PrefillRecord(fresh(key), [None] * self.replay_below)
+    def _record(self, original: Callable, key: dict, before: list | None, kwargs: dict) -> Any:
+        record = CallRecord(fresh(key), [None] * self.replay_below, fresh(before))
         self._active = _Recording(record)
         try:
             output = original(**kwargs)
@@ -320,11 +384,11 @@ class PrefixReplay:
             self._active = None
         if record.complete():
             self.records.append(record)
-            self.stats.prefills_recorded += 1
+            self.stats.calls_recorded += 1
         elif not record.replayable:
             self._note("the KV cache was changed by a method other than update (linear attention / indexer caches)")
         else:
-            self._note("a decoder layer was not called during the prefill")
+            self._note("a decoder layer was not called during the call")
         return output
 
     def _wrap_layer(self, index: int, original: Callable) -> Callable:

@@ -64,6 +64,8 @@ class GroupReport:
     eval_seconds: float = 0.0
     probe_docs_computed: int = 0
     probe_docs_reused: int = 0
+    sweep_mode: str = "full"  # full: every layer on every probe doc; select: pruned (see rounds[].pruned)
+    sweep_replay: dict = field(default_factory=dict)  # prefix replay's work counters (lmms_talo.replay)
     test: dict = field(default_factory=dict)  # "talo" / "base" -> {score, n, doc_scores}
     selected_layers: list = field(default_factory=list)  # the knockout evaluated: [selected_layer] or more
     layer_stages: list = field(default_factory=list)  # multi-layer search steps (lmms_talo.pairwise)
@@ -89,8 +91,9 @@ class GroupReport:
             {"probe_docs": list(o.probe_docs), "baseline": o.baseline,
              "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
              "selected": o.selected, "reason": o.reason,
-             "evidence": {str(k): v for k, v in o.evidence.items()}}
-            for o in result.rounds
+             "evidence": {str(k): v for k, v in o.evidence.items()},
+             "pruned": {str(k): p.to_dict() for k, p in pruned.items()}}
+            for o, pruned in zip(result.rounds, result.pruned_by_round())
         ]
         self.selected_layer = final.selected
         self.selected_layers = [] if final.selected is None else [final.selected]
@@ -102,6 +105,8 @@ class GroupReport:
         self.sweep_seconds = result.seconds
         self.probe_docs_computed = result.docs_computed
         self.probe_docs_reused = result.docs_reused
+        self.sweep_mode = result.mode
+        self.sweep_replay = result.replay
 
     def extended(self, layers, stages) -> None:
         """The multi-layer search's result (lmms_talo.pairwise)."""

@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -55,9 +55,13 @@ def bootstrap_indices(n_docs: int, samples: int, seed: int, stream: str) -> np.n
     return rng.integers(0, n_docs, size=(samples, n_docs))
 
 
-def bootstrap_lower_bound(differences: np.ndarray, indices: np.ndarray, alpha: float) -> float:
-    """The alpha-quantile of the mean paired difference over the resamples."""
-    return float(np.quantile(differences[indices].mean(axis=1), alpha))
+def bootstrap_lower_bounds(differences: np.ndarray, indices: np.ndarray, alpha: float) -> np.ndarray:
+    """Per row of `differences` (layers x docs): the alpha-quantile of the mean paired difference
+    over the resamples. A resample's mean is its doc counts times the differences, over n."""
+    samples, n_docs = indices.shape
+    rows = (indices + n_docs * np.arange(samples)[:, None]).ravel()
+    counts = np.bincount(rows, minlength=samples * n_docs).reshape(samples, n_docs).astype(float)
+    return np.quantile(differences @ counts.T / n_docs, alpha, axis=1)
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,9 @@ class SelectionRule:
         if self.name == "sign_test":
             return {l: sign_test_p(ref, [s[d] for d in probe_docs]) for l, s in layer_doc_scores.items()}
         if self.name == "bootstrap":
-            indices = bootstrap_indices(len(ref), self.resamples, self.seed, stream)
-            return {
-                l: bootstrap_lower_bound(np.array([s[d] for d in probe_docs], dtype=float) - ref, indices, self.alpha)
-                for l, s in layer_doc_scores.items()
-            }
+            differences = np.array([[s[d] for d in probe_docs] for s in layer_doc_scores.values()], dtype=float) - ref
+            bounds = bootstrap_lower_bounds(differences, bootstrap_indices(len(ref), self.resamples, self.seed, stream), self.alpha)
+            return {layer: float(bound) for layer, bound in zip(layer_doc_scores, bounds)}
         return {}
 
     def passes(self, statistic: float) -> bool:

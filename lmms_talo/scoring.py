@@ -8,6 +8,7 @@ turns one record into the doc's correctness, the way that benchmark's aggregator
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -65,6 +66,14 @@ def _as_score(metric: str, value: Any) -> float | None:
     return score
 
 
+def _apply_filters(ensemble: Any, instances: list, doc: dict) -> None:
+    """lmms-eval's FilterEnsemble.apply takes (instances, docs); lm-eval's takes instances (each carries its doc)."""
+    if len(inspect.signature(ensemble.apply).parameters) >= 2:
+        ensemble.apply(instances, [doc] * len(instances))
+    else:
+        ensemble.apply(instances)
+
+
 @dataclass
 class TaskScorer:
     """Scores one doc's raw responses the way the evaluator would, on copies of its requests."""
@@ -94,7 +103,7 @@ class TaskScorer:
         filters = getattr(self.task, "_filters", None) or []
         key = "none"
         for ensemble in filters[:1]:  # the evaluator's first filter pipeline is the primary one
-            ensemble.apply(instances, [doc] * len(instances))
+            _apply_filters(ensemble, instances, doc)
             key = ensemble.name
         filtered = [inst.filtered_resps.get(key, inst.resps) for inst in instances]
         if not filters:

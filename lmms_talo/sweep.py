@@ -4,21 +4,63 @@ with redraws of the probe set when no layer helps, and every per-doc result pers
 The sweep is written against two callables, so that any harness (lmms-eval, lm-eval) can drive it:
   answer(knockout, docs) -> {doc: [responses]}   runs the model on those docs' requests
   score(doc, responses)  -> float in [0, 1]
+
+It runs doc by doc: the base pass of a doc, then that doc's knockout variants. With prefix replay
+(lmms_talo.replay) the base pass records what the knockouts cannot change and the variants replay
+it, so only one doc's records are alive at a time. Two modes:
+  full    every candidate layer on every probe doc: the whole Task-Layer Interaction Vector.
+  select  the same selected layer with less work: a layer stops being evaluated once even perfect
+          scores on its remaining docs could not make it the selection (exact pruning, LayerPruner).
+Under several processes (lmms_talo.parallel) each rank runs a share of the layers and the ranks
+merge their scores, so every rank decides the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 from .interventions import Knockout
+from .parallel import RankMismatchError, Ranks
 from .probe import ProbeSplit
-from .select import RoundOutcome, baseline_is_perfect, decide_round
+from .replay import PrefixReplay
+from .select import RoundOutcome, baseline_is_perfect, decide_round, mean
 from .store import ProbeStore
+
+log = logging.getLogger("lmms_talo")
 
 Answer = Callable[[Knockout | None, Sequence[Hashable]], dict]
 Score = Callable[[Hashable, list], float]
+
+SWEEP_MODES = ("full", "select")
+
+
+class SweepModeError(ValueError):
+    """An unknown sweep mode."""
+
+
+def check_sweep_mode(mode: str) -> str:
+    if mode not in SWEEP_MODES:
+        raise SweepModeError(
+            f"sweep={mode!r} is unknown: use full (every layer on every probe doc, the whole interaction "
+            f"vector) or select (the same selected layer, hopeless layers pruned early)"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class PrunedLayer:
+    """A layer that select mode stopped evaluating, and why."""
+
+    after_docs: int  # probe docs it had been scored on
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"after_docs": self.after_docs, "reason": self.reason}
 
 
 @dataclass
@@ -29,6 +71,9 @@ class SweepResult:
     docs_computed: int = 0  # (variant, doc) pairs run on the model in this process
     docs_reused: int = 0  # pairs read back from the store
     seconds: float = 0.0
+    mode: str = "full"
+    pruned: list[dict[int, PrunedLayer]] = field(default_factory=list)  # per round (select mode)
+    replay: dict = field(default_factory=dict)  # prefix replay's work counters, when it was on
 
     @property
     def final(self) -> RoundOutcome:
@@ -38,36 +83,242 @@ class SweepResult:
     def selected(self) -> int | None:
         return self.final.selected
 
+    def pruned_by_round(self) -> list[dict[int, PrunedLayer]]:
+        """One {layer: PrunedLayer} per round (empty where nothing was pruned)."""
+        return [self.pruned[i] if i < len(self.pruned) else {} for i in range(len(self.rounds))]
+
+
+class LayerPruner:
+    """Exact pruning for the gain rule (select.decide_round: the highest mean probe score wins,
+    ties go to the lowest layer, and it is selected only if its gain exceeds the threshold).
+
+    Per-doc scores lie in [0, 1], so a layer's final mean lies between its mean with the unseen
+    docs scored 0 and with them scored 1. Both bounds are computed with select.mean over the probe
+    docs in probe order, the very arithmetic of the final decision; float addition is monotone, so
+    they bound the final value exactly, rounding included. A layer is dropped when
+      - its upper bound minus the baseline cannot exceed the threshold, or
+      - another live layer's lower bound beats its upper bound, or equals it and is a lower layer.
+    The selected layer is never dropped (it has the best final score, strictly better than every
+    lower layer, and a gain over the threshold), so deciding among the fully scored survivors gives
+    the full sweep's selection.
+    """
+
+    def __init__(self, probe: Sequence[Hashable], layers: Sequence[int], baseline: float, threshold: float):
+        self.probe = list(probe)
+        self.layers = list(layers)
+        self.baseline = baseline
+        self.threshold = threshold
+        self.scores: dict[int, dict] = {layer: {} for layer in layers}
+        self.pruned: dict[int, PrunedLayer] = {}
+
+    def alive(self) -> list[int]:
+        return [layer for layer in self.layers if layer not in self.pruned]
+
+    def bound(self, layer: int, unseen: float) -> float:
+        seen = self.scores[layer]
+        return mean([seen.get(doc, unseen) for doc in self.probe])
+
+    def observe(self, layer_scores: Mapping[int, Mapping[Hashable, float]]) -> None:
+        """Take new per-doc scores ({layer: {doc: score}}), then drop every layer that cannot win."""
+        for layer, scores in layer_scores.items():
+            self.scores[layer].update(scores)
+        alive = self.alive()
+        upper = {layer: self.bound(layer, 1.0) for layer in alive}
+        lower = {layer: self.bound(layer, 0.0) for layer in alive}
+        for layer in alive:
+            reason = None
+            if upper[layer] - self.baseline <= self.threshold:
+                reason = f"cannot gain more than the threshold {self.threshold:g} (at most {upper[layer] - self.baseline:+.3f})"
+            else:
+                rival = next(
+                    (m for m in alive if m != layer and (lower[m] > upper[layer] or (lower[m] == upper[layer] and m < layer))),
+                    None,
+                )
+                if rival is not None:
+                    reason = f"layer {rival} scores at least {lower[rival]:.3f}, this layer at most {upper[layer]:.3f}"
+            if reason:
+                self.pruned[layer] = PrunedLayer(len(self.scores[layer]), reason)
+
 
 class LayerSweep:
     """Runs variants over probe docs through a ProbeStore, so nothing is computed twice."""
 
-    def __init__(self, answer: Answer, score: Score, store: ProbeStore):
+    def __init__(
+        self,
+        answer: Answer,
+        score: Score,
+        store: ProbeStore,
+        *,
+        mode: str = "full",
+        replay: PrefixReplay | None = None,
+        ranks: Ranks | None = None,
+    ):
         self.answer = answer
         self.score = score
         self.store = store
+        self.mode = check_sweep_mode(mode)
+        self.replay = replay
+        self.ranks = ranks or Ranks()
         self.responses: dict[tuple[str, str], list] = {}
+        self._known: dict[tuple[str, str], tuple[float, list]] = {}  # computed or merged in this process
+
+    # --- one (variant, doc) at a time ---
+
+    def _lookup(self, label: str, doc: Hashable) -> tuple[float, list] | None:
+        return self._known.get((label, str(doc))) or self.store.get(label, doc)
+
+    def _remember(self, label: str, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
+        self._known[(label, str(doc))] = (score, responses)
+        self.responses[(label, str(doc))] = responses
+        result.doc_scores.setdefault(label, {})[str(doc)] = score
+
+    def _score(self, knockout: Knockout | None, doc: Hashable, result: SweepResult, replaying: bool = False) -> float:
+        """One doc under one variant: from the store, or run. `replaying`: under prefix replay, and
+        then the base pass runs even when stored, because it records what the knockouts replay."""
+        label = knockout.label if knockout else "base"
+        hit = self._lookup(label, doc)
+        if hit is not None and not (replaying and knockout is None):
+            result.docs_reused += 1
+            self._remember(label, doc, *hit, result)
+            return hit[0]
+        context = self.replay.variant(knockout) if replaying else contextlib.nullcontext()
+        with context:
+            responses = self.answer(knockout, [doc])[doc]
+        value = self.score(doc, responses)
+        result.docs_computed += 1
+        if hit is None:
+            self.store.put(label, doc, value, responses)
+        elif hit[0] != value:
+            log.warning("lmms-talo: doc %s (%s) scored %s now and %s in the store: the model is not deterministic",
+                        doc, label, value, hit[0])
+        self._remember(label, doc, value, responses, result)
+        return value
+
+    @contextlib.contextmanager
+    def _doc_records(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if self.replay is not None:
+                self.replay.forget()
+
+    def _doc(
+        self,
+        doc: Hashable,
+        knockouts: Sequence[Knockout],
+        result: SweepResult,
+        go_on: Callable[[float], bool] | None = None,
+    ) -> tuple[float, dict[str, float]]:
+        """The base score of `doc`, then (if `go_on(base)`) each knockout's score on it. Prefix replay
+        is used when some knockout must run and it saves work: the base pass that records runs even
+        when its result is known, which pays off only if enough layers are then replayed."""
+        todo = [k for k in knockouts if self._lookup(k.label, doc) is None]
+        replaying = self.replay is not None and bool(todo) and (
+            self._lookup("base", doc) is None or self.replay.saves_work(todo)
+        )
+        with self._doc_records():
+            base = self._score(None, doc, result, replaying)
+            if go_on is not None and not go_on(base):
+                return base, {}
+            return base, {k.label: self._score(k, doc, result, replaying) for k in knockouts}
 
     def doc_scores(self, knockout: Knockout | None, docs: Sequence[Hashable], result: SweepResult) -> dict:
+        """One variant over several docs in one harness call (the multi-layer search uses this)."""
         label = knockout.label if knockout else "base"
         scores: dict = {}
         missing = []
         for doc in docs:
-            hit = self.store.get(label, doc)
+            hit = self._lookup(label, doc)
             if hit is None:
                 missing.append(doc)
                 continue
-            scores[doc], self.responses[(label, str(doc))] = hit
+            scores[doc] = hit[0]
+            self._remember(label, doc, *hit, result)
             result.docs_reused += 1
         if missing:
             for doc, responses in self.answer(knockout, missing).items():
                 value = self.score(doc, responses)
                 self.store.put(label, doc, value, responses)
-                self.responses[(label, str(doc))] = responses
+                self._remember(label, doc, value, responses, result)
                 scores[doc] = value
                 result.docs_computed += 1
-        result.doc_scores.setdefault(label, {}).update({str(d): s for d, s in scores.items()})
         return scores
+
+    # --- rounds ---
+
+    def _merge(self, base: dict, rows: dict[str, dict], result: SweepResult) -> dict[str, dict]:
+        """All ranks' rows ({label: {doc: (score, responses)}}); the ranks must agree on the base."""
+        if not self.ranks.distributed:
+            return rows
+        bases = self.ranks.all_gather(base)
+        if any(b != bases[0] for b in bases):
+            raise RankMismatchError("the ranks scored the base model differently on the probe docs")
+        merged = {}
+        for part in self.ranks.all_gather(rows):
+            for label, docs in part.items():
+                merged.setdefault(label, {}).update(docs)
+        for label, docs in merged.items():
+            for doc, (value, responses) in docs.items():
+                self._remember(label, doc, value, responses, result)
+        return merged
+
+    def _row(self, label: str, doc: Hashable) -> tuple[float, list]:
+        return self._known[(label, str(doc))]
+
+    def _full_round(self, probe, layers, intervention, threshold, result) -> tuple[RoundOutcome, dict]:
+        """Every layer (this rank's share) on every probe doc, doc by doc. While every doc so far has a
+        perfect base score the baseline may be perfect, which skips the layers: those docs' variants
+        wait until a doc with an imperfect base score appears."""
+        knockouts = [Knockout((layer,), intervention) for layer in self.ranks.share(layers)]
+        base: dict = {}
+        rows: dict[str, dict] = {k.label: {} for k in knockouts}
+        waiting = threshold >= 0
+        deferred: list = []
+
+        def keep(doc, scores):
+            for label in scores:
+                rows[label][doc] = self._row(label, doc)
+
+        for doc in probe:
+            base[doc], scores = self._doc(doc, knockouts, result, go_on=lambda b: not (waiting and b >= 1.0))
+            if waiting and base[doc] >= 1.0:
+                deferred.append(doc)
+                continue
+            keep(doc, scores)
+            if waiting:
+                waiting = False
+                for earlier in deferred:
+                    keep(earlier, self._doc(earlier, knockouts, result)[1])
+        rows = self._merge(base, rows, result)
+        if threshold >= 0 and baseline_is_perfect(mean([base[d] for d in probe])):
+            return decide_round(probe, base, {}, threshold), {}
+        layer_scores = {layer: {d: rows[str(layer)][d][0] for d in probe} for layer in layers}
+        return decide_round(probe, base, layer_scores, threshold), {}
+
+    def _select_round(self, probe, layers, intervention, threshold, result) -> tuple[RoundOutcome, dict]:
+        """Base scores first (the pruning bounds need the baseline), then the layers doc by doc,
+        docs with the lowest base score first: knockouts tend to miss them too, so layers that
+        cannot win are dropped early."""
+        base = {doc: self._doc(doc, [], result)[0] for doc in probe}
+        self._merge(base, {}, result)
+        if threshold >= 0 and baseline_is_perfect(mean([base[d] for d in probe])):
+            return decide_round(probe, base, {}, threshold), {}
+        pruner = LayerPruner(probe, layers, mean([base[d] for d in probe]), threshold)
+        for doc in sorted(probe, key=lambda d: base[d]):
+            alive = pruner.alive()
+            if not alive:
+                break
+            knockouts = [Knockout((layer,), intervention) for layer in self.ranks.share(alive)]
+            _, scores = self._doc(doc, knockouts, result)
+            rows = {k.label: {doc: self._row(k.label, doc)} for k in knockouts}
+            merged = self._merge(base, rows, result)
+            pruner.observe({int(label): {d: v[0] for d, v in docs.items()} for label, docs in merged.items()})
+        survivors = pruner.alive()
+        if not survivors:
+            reason = f"no layer can gain more than the threshold {threshold:g}: every candidate was pruned"
+            return RoundOutcome(tuple(probe), mean([base[d] for d in probe]), {}, {}, None, reason), pruner.pruned
+        outcome = decide_round(probe, base, {layer: pruner.scores[layer] for layer in survivors}, threshold)
+        return outcome, pruner.pruned
 
     def run(
         self,
@@ -79,17 +330,35 @@ class LayerSweep:
     ) -> SweepResult:
         """Probe rounds until a layer clears the threshold or the rounds run out."""
         started = time.perf_counter()
-        result = SweepResult(tuple(candidate_layers), [])
-        for round_index in range(rounds):
-            probe = split.probe_set(round_index)
-            base = self.doc_scores(None, probe, result)
-            layer_scores = {}
-            if not (baseline_is_perfect(sum(base.values()) / len(base)) and threshold >= 0):
-                for layer in candidate_layers:
-                    layer_scores[layer] = self.doc_scores(Knockout((layer,), intervention), probe, result)
-            outcome = decide_round(probe, base, layer_scores, threshold)
-            result.rounds.append(outcome)
-            if outcome.selected is not None:
-                break
+        result = SweepResult(tuple(candidate_layers), [], mode=self.mode)
+        play = self._select_round if self.mode == "select" else self._full_round
+        replaying = self.replay.installed() if self.replay is not None else contextlib.nullcontext()
+        with replaying:
+            self.ranks.barrier()  # every rank has read the store before any rank appends to it
+            for round_index in range(rounds):
+                probe = split.probe_set(round_index)
+                outcome, pruned = play(probe, list(candidate_layers), intervention, threshold, result)
+                result.rounds.append(outcome)
+                result.pruned.append(pruned)
+                if outcome.selected is not None:
+                    break
+        if self.replay is not None:
+            result.replay = dataclasses.asdict(self.replay.stats)
+        result.doc_scores = _canonical(result, [split.probe_set(i) for i in range(len(result.rounds))])
         result.seconds = time.perf_counter() - started
         return result
+
+
+def _canonical(result: SweepResult, probes: list) -> dict:
+    """Per-doc scores in a fixed order (base, then candidate layers; docs as first probed), whatever
+    order the docs were run in and whichever rank ran them."""
+    labels = ["base"] + [str(layer) for layer in result.candidate_layers]
+    labels += [label for label in result.doc_scores if label not in labels]
+    docs = list(dict.fromkeys(str(d) for probe in probes for d in probe))
+    ordered = {}
+    for label in labels:
+        scores = result.doc_scores.get(label)
+        if scores:
+            ordered[label] = {d: scores[d] for d in docs if d in scores}
+            ordered[label].update({d: s for d, s in scores.items() if d not in ordered[label]})
+    return ordered

@@ -4,6 +4,7 @@ figures, and analysis.json with every number shown (all recomputed from the repo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .clustering import bootstrap_stability, cluster
 from .document import Document
 from .robustness import selection_distribution
 from .rule_comparison import rule_choices, summarize
-from .runs import Run, load_runs
+from .runs import Run, label_of, load_runs
 from .tables import paper_table
 from .transfer import transfer_matrix
 
@@ -28,16 +29,32 @@ class ReportOptions:
     seed: int = 0
 
 
+def missing(value) -> bool:
+    """No value, or an undefined statistic (NaN)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    return "-" if missing(value) else f"{100 * value:.1f}"
 
 
 def pp(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{100 * value:+.1f}"
+    return "-" if missing(value) else f"{100 * value:+.1f}"
 
 
 def num(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None or value != value else format(value, spec)
+    return "-" if missing(value) else format(value, spec)
+
+
+def mean_of(values: list) -> float | None:
+    """The mean, or None when a value is missing (a partial mean would compare unlike things)."""
+    return None if not values or any(missing(v) for v in values) else sum(values) / len(values)
+
+
+def nanmean_of(values: list) -> float | None:
+    """The mean of the values that are there."""
+    present = [v for v in values if not missing(v)]
+    return sum(present) / len(present) if present else None
 
 
 class ReportBuilder:
@@ -48,9 +65,9 @@ class ReportBuilder:
         self.doc = Document("TaLo analysis")
         self.numbers: dict = {"runs": {}, "agreement": []}
 
-    def figure(self, name: str, make, caption: str) -> None:
-        path = make(self.out / f"{name}.png")
-        self.doc.figure(path, caption)
+    def figure(self, name: str, caption: str, draw, *args) -> None:
+        """Draw a figure (a function of lmms_talo.analysis.figures, whose last argument is the path)."""
+        self.doc.figure(draw(*args, self.out / f"{name}.png"), caption)
 
     def build(self) -> None:
         self.overview()
@@ -79,12 +96,11 @@ class ReportBuilder:
             subs = run.subtasks
             base = [s.test_score("base") for s in subs]
             talo = [s.data.get("test", {}).get("talo", {}).get("score") for s in subs]
-            mean = lambda v: None if not v or None in v else sum(v) / len(v)  # noqa: E731
+            difference = None if missing(mean_of(base)) or missing(mean_of(talo)) else mean_of(talo) - mean_of(base)
             rows.append([
                 run.key, run.label, str(run.path), str(len(subs)),
                 str(sum(1 for s in subs if s.selected_label != "base")),
-                pct(mean(base)), pct(mean(talo)),
-                pp(None if mean(base) is None or mean(talo) is None else mean(talo) - mean(base)),
+                pct(mean_of(base)), pct(mean_of(talo)), pp(difference),
                 str(sum(s.sweep_passes() for s in subs)),
             ])
         self.doc.table(["run", "model · intervention · shots", "report", "sub-tasks", "knocked out",
@@ -93,10 +109,9 @@ class ReportBuilder:
     def results(self, run: Run) -> None:
         self.doc.heading("Results on the test docs", 3)
         rows, numbers = [], []
-        for task, subtask_rows, macro, micro in paper_table(run):
-            for row in subtask_rows + [macro, micro]:
-                rows.append([row.subtask, str(row.n), pct(row.base), pct(row.talo), pp(row.difference), row.layers])
-                numbers.append(asdict(row) | {"difference": row.difference})
+        for row in paper_table(run):
+            rows.append([row.subtask, str(row.n), pct(row.base), pct(row.talo), pp(row.difference), row.layers])
+            numbers.append(asdict(row) | {"difference": row.difference})
         self.doc.table(["sub-task", "test docs", "base %", "TaLo %", "Δ pp", "layer(s)"], rows)
         if any(s.test_score("base") is None for s in run.subtasks):
             self.doc.paragraph("Base scores missing: run TaLo with `compare_base=true` to score the full model on the test docs.")
@@ -116,8 +131,9 @@ class ReportBuilder:
             selected.append(layers.index(first) if first in layers else None)
         self.figure(
             f"{run.key}_interaction_heatmap",
-            lambda p: figures.interaction_heatmap(gains, [s.name for s in run.subtasks], layers, selected, run.label, p),
-            f"Probe gain of knocking out each layer's attention ({run.label}); black box: the selected layer.",
+            f"Probe gain of the {run.config.get('intervention', 'zero')} knockout of each layer ({run.label}); "
+            "black box: the selected layer.",
+            figures.interaction_heatmap, gains, [s.name for s in run.subtasks], layers, selected, run.label,
         )
         unswept = [s.name for s in run.subtasks if not s.swept]
         text = f"Recomputed from the per-doc probe records: largest difference from the stored vectors {drift:.1e}."
@@ -125,7 +141,7 @@ class ReportBuilder:
             text += f" Not swept (baseline already perfect on the probe set): {', '.join(unswept)}."
         self.doc.paragraph(text)
         self.numbers["runs"][run.key]["interaction_vectors"] = {
-            s.name: {str(l): g for l, g in zip(layers, gains[i]) if g == g} for i, s in enumerate(run.subtasks)
+            s.name: {str(l): g for l, g in zip(layers, gains[i]) if not missing(float(g))} for i, s in enumerate(run.subtasks)
         }
 
     def _clusterable(self, run: Run) -> list:
@@ -147,10 +163,11 @@ class ReportBuilder:
         differences = [s.differences() for s in subs]
         result = cluster([s.name for s in subs], np.stack([d.mean(axis=1) for d in differences]), count)
         stability = bootstrap_stability(differences, result, self.options.resamples, self.options.seed)
-        self.figure(f"{run.key}_correlation", lambda p: figures.correlation_dendrogram(result, run.label, p),
-                    f"Pearson correlation between interaction vectors, dendrogram-ordered, {count} clusters ({run.label}).")
-        self.figure(f"{run.key}_cluster_stability", lambda p: figures.cluster_stability(result, stability, run.label, p),
-                    "Cluster stability over bootstrap resamples of each sub-task's probe docs.")
+        self.figure(f"{run.key}_correlation",
+                    f"Pearson correlation between interaction vectors, dendrogram-ordered, {count} clusters ({run.label}).",
+                    figures.correlation_dendrogram, result, run.label)
+        self.figure(f"{run.key}_cluster_stability", "Cluster stability over bootstrap resamples of each sub-task's probe docs.",
+                    figures.cluster_stability, result, stability, run.label)
         summary = stability.summary()
         rows = []
         for label, members in result.members().items():
@@ -184,9 +201,9 @@ class ReportBuilder:
         layers = sorted({l for s in subs for l in s.layers})
         self.figure(
             f"{run.key}_selection_robustness",
-            lambda p: figures.selection_robustness(by_rule[own], layers, f"{run.label}\nlayer chosen by the {own} rule "
-                                                   f"on {resamples} bootstrap resamples of the probe docs", p),
             f"How often each layer wins when the probe docs are resampled ({own} rule); red box: the choice on the actual probe docs.",
+            figures.selection_robustness, by_rule[own], layers,
+            f"{run.label}\nlayer chosen by the {own} rule on {resamples} bootstrap resamples of the probe docs",
         )
         rows = [[s.name] + [f"{d.chosen} ({d.win_rate:.0%})" for d in (by_rule[n][i] for n in RULES)]
                 for i, s in enumerate(subs)]
@@ -209,10 +226,9 @@ class ReportBuilder:
         for sub in subs:
             for stage in sub.data["layer_stages"]:
                 best = stage["tied_layers"][0] if stage["tied_layers"] else None
-                base = "+".join(map(str, stage["base_layers"]))
                 rows.append([
-                    sub.name, base, num(stage["reference_score"]),
-                    "-" if best is None else f"{base}+{best}",
+                    sub.name, label_of(stage["base_layers"]), num(stage["reference_score"]),
+                    "-" if best is None else label_of(stage["base_layers"] + [best]),
                     "-" if best is None else num(stage["layer_scores"][str(best)]),
                     "-" if best is None else pp(stage["gains"][str(best)]),
                     "yes" if stage["selected"] is not None else "no",
@@ -230,22 +246,23 @@ class ReportBuilder:
             self.doc.paragraph("Not computed: run TaLo with `transfer=true` (or `test_all_layers=true`) to score each "
                                "sub-task's test docs under the other sub-tasks' selected layers.")
             return
-        self.figure(f"{run.key}_transfer", lambda p: figures.transfer_heatmap(matrix, run.label, p),
-                    "Test gain (knocked out − full model) of applying the row's selected layer to the column's sub-task.")
-        own = [matrix.gains[i, matrix.targets.index(s)] for i, s in enumerate(matrix.sources)]
-        others = [matrix.gains[i, j] for i, s in enumerate(matrix.sources) for j, t in enumerate(matrix.targets) if t != s]
-        mean = lambda v: float(np.nanmean(v)) if v and not np.isnan(v).all() else None  # noqa: E731
+        self.figure(f"{run.key}_transfer",
+                    "Test gain (knocked out − full model) of applying the row's selected layer to the column's sub-task.",
+                    figures.transfer_heatmap, matrix, run.label)
+        own = [float(matrix.gains[i, matrix.targets.index(s)]) for i, s in enumerate(matrix.sources)]
+        others = [float(matrix.gains[i, j]) for i, s in enumerate(matrix.sources) for j, t in enumerate(matrix.targets) if t != s]
         rows = [[f"{s} (layer {l})"] + [pp(g) for g in matrix.gains[i]] for i, (s, l) in enumerate(zip(matrix.sources, matrix.source_labels))]
         self.doc.table(["selected on \\ applied to"] + matrix.targets, rows)
-        text = (f"Mean test gain of a sub-task's own selection {pp(mean(own))} pp; of another sub-task's selection "
-                f"{pp(mean(others))} pp.")
+        text = (f"Mean test gain of a sub-task's own selection {pp(nanmean_of(own))} pp; of another sub-task's selection "
+                f"{pp(nanmean_of(others))} pp.")
         if matrix.unselected:
             text += f" Kept the full model (no row): {', '.join(matrix.unselected)}."
+        if np.isnan(matrix.gains).any():
+            text += " Cells marked - were not scored: run TaLo with `transfer=true` to score them."
         self.doc.paragraph(text)
         self.numbers["runs"][run.key]["transfer"] = {
             "sources": matrix.sources, "layers": matrix.source_labels, "targets": matrix.targets,
-            "gains": [[None if g != g else float(g) for g in row] for row in matrix.gains],
-            "mean_own": mean(own), "mean_other": mean(others),
+            "gains": matrix.gains.tolist(), "mean_own": nanmean_of(own), "mean_other": nanmean_of(others),
         }
 
     def rules(self, run: Run) -> None:
@@ -277,16 +294,21 @@ class ReportBuilder:
             ])
         self.doc.table(["sub-task"] + list(RULES), rows)
         scatter = probe_vs_test(run)
-        if len(scatter.x) >= 3:
+        if self._all_layers_scored(run) and len(scatter.x) >= 3:
             self.figure(f"{run.key}_probe_vs_test",
-                        lambda p: figures.agreement_scatter(scatter, "probe gain", "test gain", f"{run.label}\nprobe gain vs test gain", p),
-                        "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs.")
+                        "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs.",
+                        figures.agreement_scatter, scatter, "probe gain", "test gain", f"{run.label}\nprobe gain vs test gain")
             self.doc.paragraph(f"Probe vs test gain over {len(scatter.x)} task-layer pairs: Pearson r {num(scatter.pearson)}, "
                                f"Spearman ρ {num(scatter.spearman)}.")
         self.numbers["runs"][run.key]["rules"] = {
             "summary": [asdict(s) for s in summaries], "choices": [asdict(c) for c in choices],
             "probe_vs_test": {"n": len(scatter.x), "pearson": scatter.pearson, "spearman": scatter.spearman},
         }
+
+    @staticmethod
+    def _all_layers_scored(run: Run) -> bool:
+        """Probe vs test gain over every layer, not only the layers some selection picked (a biased sample)."""
+        return all(str(l) in s.data.get("test_variants", {}) for s in run.swept_subtasks() for l in s.layers)
 
     def agreement(self) -> None:
         pairs = intervention_pairs(self.runs)
@@ -301,9 +323,9 @@ class ReportBuilder:
                 continue
             self.figure(
                 f"agreement_{a.key}_{b.key}",
-                lambda p: figures.agreement_scatter(result, f"probe gain, {ia} ({a.key})", f"probe gain, {ib} ({b.key})",
-                                                    f"{a.model_name}: {ia} vs {ib} knockout", p),
                 f"Probe gain of every task-layer pair under {ia} ({a.key}) and {ib} ({b.key}), on the same probe docs.",
+                figures.agreement_scatter, result, f"probe gain, {ia} ({a.key})", f"probe gain, {ib} ({b.key})",
+                f"{a.model_name}: {ia} vs {ib} knockout",
             )
             self.doc.paragraph(f"{ia} vs {ib}: Pearson r {num(result.pearson)}, Spearman ρ {num(result.spearman)} "
                                f"over {len(result.x)} task-layer pairs.")
@@ -316,12 +338,27 @@ def write_report(paths: list, out: Path, options: ReportOptions = ReportOptions(
     runs = load_runs(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_figures(out)
     builder = ReportBuilder(runs, out, options)
     builder.build()
+    builder.numbers["figures"] = [block[1].name for block in builder.doc.blocks if block[0] == "figure"]
     (out / "report.md").write_text(builder.doc.to_markdown())
     (out / "report.html").write_text(builder.doc.to_html())
     (out / "analysis.json").write_text(json.dumps(_plain(builder.numbers), indent=2, allow_nan=False))
     return out / "report.md"
+
+
+def _remove_previous_figures(out: Path) -> None:
+    """Figures an earlier report wrote into `out` (listed in its analysis.json), so that none is left
+    stale beside the new report; nothing else in the folder is touched."""
+    try:
+        listed = json.loads((out / "analysis.json").read_text()).get("figures", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in listed:
+        path = out / Path(str(name)).name
+        if path.suffix == ".png" and path.is_file():
+            path.unlink()
 
 
 def _plain(value):
@@ -332,6 +369,4 @@ def _plain(value):
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and value != value:
-        return None
-    return value
+    return None if missing(value) else value

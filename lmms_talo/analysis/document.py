@@ -57,10 +57,9 @@ class Document:
                 out += [f"- {item}" for item in block[1]] + [""]
             elif kind == "table":
                 _, header, rows = block
-                cell = lambda text: text.replace("|", "\\|")  # noqa: E731
-                out.append("| " + " | ".join(map(cell, header)) + " |")
+                out.append("| " + " | ".join(map(_cell, header)) + " |")
                 out.append("|" + "|".join("---:" if _numeric_column(rows, i) else "---" for i in range(len(header))) + "|")
-                out += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+                out += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
                 out.append("")
             elif kind == "figure":
                 _, path, caption = block
@@ -97,6 +96,10 @@ class Document:
             f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
         )
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def _inline(text: str) -> str:

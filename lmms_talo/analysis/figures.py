@@ -1,37 +1,37 @@
-"""The report's figures (matplotlib, Agg backend), each written as a PNG: titled, with sub-task and
-layer names on the axes, sized to the number of rows and columns."""
+"""The report's figures, each written as a PNG: titled, with sub-task and layer names on the axes,
+sized to the number of rows and columns.
+
+Figures are built with matplotlib's object API (`Figure`, rendered by the Agg canvas), never pyplot:
+no GUI backend is touched and no global figure state is left behind.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from scipy.cluster.hierarchy import dendrogram
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from scipy.cluster.hierarchy import dendrogram  # noqa: E402
-
-from .agreement import Agreement  # noqa: E402
-from .clustering import Clustering, Stability  # noqa: E402
-from .robustness import NONE, SelectionDistribution  # noqa: E402
-from .transfer import TransferMatrix  # noqa: E402
+from .agreement import Agreement
+from .clustering import Clustering, Stability
+from .robustness import NONE, SelectionDistribution
+from .transfer import TransferMatrix
 
 DPI = 150
-MISSING = "#d9d9d9"
+MISSING = "#9a9a9a"  # cells with no value: darker than any near-zero colour
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def _diverging(values: np.ndarray):
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad(MISSING)
+    cmap = colormaps["RdBu_r"].with_extremes(bad=MISSING)
     finite = values[np.isfinite(values)]
     limit = float(np.abs(finite).max()) if finite.size else 0.0
     limit = limit or 0.01
@@ -63,7 +63,8 @@ def interaction_heatmap(gains: np.ndarray, subtasks: list[str], layers: list[int
                         title: str, path: Path) -> Path:
     """Figure 2: sub-tasks x layers, colour = probe gain of knocking the layer out (0 = white)."""
     rows, cols = gains.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * cols + 3.5), max(3.0, 0.38 * rows + 1.8)))
+    fig = Figure(figsize=(max(6.0, 0.32 * cols + 3.5), max(3.0, 0.38 * rows + 1.8)))
+    ax = fig.subplots()
     cmap, norm = _diverging(gains)
     image = ax.imshow(np.ma.masked_invalid(gains), cmap=cmap, norm=norm, aspect="auto")
     for row, column in enumerate(selected):
@@ -85,16 +86,15 @@ def correlation_dendrogram(result: Clustering, title: str, path: Path) -> Path:
     n = len(result.names)
     order = result.order
     size = max(5.0, 0.42 * n + 3.0)
-    fig = plt.figure(figsize=(size + 2.2, size))
-    tree_ax = fig.add_axes([0.02, 0.1, 0.16, 0.75])
-    heat_ax = fig.add_axes([0.19, 0.1, 0.6, 0.75])
-    bar_ax = fig.add_axes([0.90, 0.1, 0.02, 0.75])
+    fig = Figure(figsize=(size + 2.2, size))
+    tree_ax = fig.add_axes([0.02, 0.1, 0.2, 0.75])
+    heat_ax = fig.add_axes([0.23, 0.1, 0.62, 0.75])
+    bar_ax = fig.add_axes([0.04, 0.9, 0.16, 0.025])  # top left, clear of the sub-task labels on the right
     clusters = len(set(result.labels.tolist()))
     threshold = result.tree[-(clusters - 1), 2] if clusters > 1 else 0.0
     dendrogram(result.tree, orientation="left", ax=tree_ax, no_labels=True, color_threshold=threshold,
                above_threshold_color="#777777")
     tree_ax.set_ylim(0, 10 * n)
-    tree_ax.invert_xaxis()
     tree_ax.axis("off")
     ordered = result.corr[np.ix_(order, order)]
     image = heat_ax.imshow(ordered, cmap="RdBu_r", vmin=-1, vmax=1, origin="lower", aspect="auto")
@@ -106,8 +106,10 @@ def correlation_dendrogram(result: Clustering, title: str, path: Path) -> Path:
         for (row, col), value in np.ndenumerate(ordered):
             heat_ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
                          color="white" if abs(value) > 0.6 else "black")
-    fig.colorbar(image, cax=bar_ax, label="Pearson r between interaction vectors")
-    fig.suptitle(f"{title}\ninteraction-vector correlation, average-linkage clusters (c1..c{clusters})", fontsize=10)
+    bar = fig.colorbar(image, cax=bar_ax, orientation="horizontal", ticks=[-1, 0, 1])
+    bar.set_label("Pearson r", fontsize=8)
+    bar.ax.xaxis.set_label_position("top")
+    heat_ax.set_title(f"{title}\ninteraction-vector correlation, average-linkage clusters (c1..c{clusters})", fontsize=10)
     return _save(fig, path)
 
 
@@ -116,7 +118,8 @@ def cluster_stability(result: Clustering, stability: Stability, title: str, path
     n = len(result.names)
     order = result.order
     size = max(4.5, 0.4 * n + 2.5)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(size + 5.0, size), gridspec_kw={"width_ratios": [size, 4.0]})
+    fig = Figure(figsize=(size + 5.0, size))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [size, 4.0]})
     image = left.imshow(stability.co_clustered[np.ix_(order, order)], cmap="Greens", vmin=0, vmax=1)
     names = [result.names[i] for i in order]
     left.set_xticks(range(n), names, rotation=90, fontsize=8)
@@ -138,7 +141,8 @@ def cluster_stability(result: Clustering, stability: Stability, title: str, path
 
 def agreement_scatter(agreement: Agreement, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
     """Figure 4: one point per (sub-task, layer), coloured by layer depth, with Pearson and Spearman r."""
-    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    fig = Figure(figsize=(6.4, 5.4))
+    ax = fig.subplots()
     points = ax.scatter(agreement.x, agreement.y, c=agreement.layers, cmap="viridis", s=30, alpha=0.75,
                         edgecolors="white", linewidths=0.4)
     both = np.concatenate([agreement.x, agreement.y]) if len(agreement.x) else np.array([0.0])
@@ -149,7 +153,7 @@ def agreement_scatter(agreement: Agreement, xlabel: str, ylabel: str, title: str
     ax.axvline(0, color="#cccccc", linewidth=0.8)
     ax.text(0.03, 0.97, f"Pearson r = {agreement.pearson:.3f}\nSpearman ρ = {agreement.spearman:.3f}\n"
             f"n = {len(agreement.x)} task-layer pairs", transform=ax.transAxes, va="top", fontsize=9,
-            bbox=dict(boxstyle="round", facecolor="white", edgecolor="#bbbbbb"))
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#bbbbbb"})
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -159,12 +163,13 @@ def agreement_scatter(agreement: Agreement, xlabel: str, ylabel: str, title: str
 
 
 def selection_robustness(distributions: list[SelectionDistribution], layers: list[int], title: str, path: Path) -> Path:
-    """Share of bootstrap resamples choosing each layer (or none), per sub-task; red box = actual choice."""
+    """Share (%) of bootstrap resamples choosing each layer (or none), per sub-task; red box = actual choice."""
     columns = list(layers) + [NONE]
     shares = np.array([[d.share(c) for c in columns] for d in distributions])
     rows = len(distributions)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(columns) + 4.0), max(3.0, 0.38 * rows + 1.8)))
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    fig = Figure(figsize=(max(6.0, 0.32 * len(columns) + 4.0), max(3.0, 0.38 * rows + 1.8)))
+    ax = fig.subplots()
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for row, d in enumerate(distributions):
         _outline(ax, columns.index(d.chosen), row, color="#d62728")
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=8)
@@ -172,10 +177,13 @@ def selection_robustness(distributions: list[SelectionDistribution], layers: lis
     right = ax.secondary_yaxis("right")
     right.set_yticks(range(rows), [f"{d.win_rate:.0%}" for d in distributions], fontsize=8)
     right.set_ylabel("resamples agreeing with the choice")
-    ax.set_xlabel("layer chosen on the resample ('none': keep the full model)")
+    ax.set_xlabel("layer chosen on the resample ('none': keep the full model); cells: % of resamples")
     ax.set_ylabel("sub-task")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label="share of bootstrap resamples", fraction=0.04, pad=0.12)
+    for (row, col), share in np.ndenumerate(shares):
+        if share >= 0.05:  # the share in percent, written on the cell (no colour bar to read off)
+            ax.text(col, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if share > 0.6 else "black")
     return _save(fig, path)
 
 
@@ -183,7 +191,8 @@ def transfer_heatmap(matrix: TransferMatrix, title: str, path: Path) -> Path:
     """Rows: the sub-task whose selection is applied (and its layer); columns: the sub-task it is
     applied to; colour: test gain on the column's test docs (grey: not scored)."""
     rows, cols = matrix.gains.shape
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * cols + 3.5), max(3.0, 0.42 * rows + 2.2)))
+    fig = Figure(figsize=(max(5.5, 0.5 * cols + 3.5), max(3.0, 0.42 * rows + 2.2)))
+    ax = fig.subplots()
     cmap, norm = _diverging(matrix.gains)
     image = ax.imshow(np.ma.masked_invalid(matrix.gains), cmap=cmap, norm=norm, aspect="auto")
     for row, source in enumerate(matrix.sources):

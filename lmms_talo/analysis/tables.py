@@ -1,5 +1,6 @@
 """The paper-style results table: per sub-task base and TaLo scores on the test docs, the difference,
-the selected layer(s); and per task the mean over its sub-tasks (macro) and over its test docs (micro)."""
+the selected layer(s); per task (and over all tasks) the mean over the sub-tasks (macro) and over all
+their test docs (micro)."""
 
 from __future__ import annotations
 
@@ -49,16 +50,27 @@ def subtask_row(sub: Subtask) -> Row:
                "-" if label == "base" else label)
 
 
-def paper_table(run: Run) -> list[tuple[str, list[Row], Row, Row]]:
-    """Per task: (task, sub-task rows, macro-mean row, micro-mean row)."""
+def mean_rows(name: str, subs: list[Subtask]) -> list[Row]:
+    """The mean over the sub-tasks (macro) and over all their test docs (micro)."""
+    rows = [subtask_row(s) for s in subs]
+    n = sum(r.n for r in rows)
+    return [
+        Row(name, f"{name}: mean of {len(rows)} sub-tasks", n, _macro([r.base for r in rows]), _macro([r.talo for r in rows]), ""),
+        Row(name, f"{name}: all test docs", n, _micro(subs, "base"), _micro(subs, "talo"), ""),
+    ]
+
+
+def paper_table(run: Run) -> list[Row]:
+    """Sub-task rows grouped by task, each task followed by its means when it has several sub-tasks,
+    and the means over everything when the run has several tasks."""
     tasks: dict[str, list[Subtask]] = {}
     for sub in run.subtasks:
         tasks.setdefault(sub.task, []).append(sub)
     table = []
     for task, subs in tasks.items():
-        rows = [subtask_row(s) for s in subs]
-        n = sum(r.n for r in rows)
-        macro = Row(task, f"{task}: mean of {len(rows)} sub-task(s)", n, _macro([r.base for r in rows]), _macro([r.talo for r in rows]), "")
-        micro = Row(task, f"{task}: all test docs", n, _micro(subs, "base"), _micro(subs, "talo"), "")
-        table.append((task, rows, macro, micro))
+        table += [subtask_row(s) for s in subs]
+        if len(subs) > 1:
+            table += mean_rows(task, subs)
+    if len(tasks) > 1:
+        table += mean_rows("all tasks", run.subtasks)
     return table

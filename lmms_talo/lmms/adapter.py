@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import re
 import time
 from collections import defaultdict
 from typing import Any, Callable, Sequence
@@ -21,6 +22,8 @@ from ..backbone import decoder_layers, unwrap
 from ..config import TaloArgumentError, TaloConfig
 from ..interventions import Knockout, check_layers, knocked_out
 from ..pairwise import search_more_layers
+from ..parallel import SharedRequests, current_ranks
+from ..replay import PrefixReplay
 from ..probe import ProbeSplit, split_subtask
 from ..report import GroupReport, TaloReport, summary_table
 from ..scoring import TaskScorer
@@ -40,7 +43,10 @@ class GenerationFailed(RuntimeError):
 def _fresh_copy(request):
     """A copy the base class may mutate (it pops `until`, adds max_new_tokens) without harm."""
     args = tuple(copy.deepcopy(a) if isinstance(a, (dict, list)) else a for a in request.args)
-    return dataclasses.replace(request, arguments=args, resps=[], filtered_resps={}, raw_filtered_resps={}, token_counts=[])
+    # lm-eval's Instance has no raw_filtered_resps / token_counts: reset the fields this one has
+    empty = {"resps": [], "filtered_resps": {}, "raw_filtered_resps": {}, "token_counts": []}
+    fields = {f.name for f in dataclasses.fields(request) if f.init}
+    return dataclasses.replace(request, arguments=args, **{k: v for k, v in empty.items() if k in fields})
 
 
 def _unwrap_output(output):
@@ -109,6 +115,7 @@ class TaloMixin:
             )
         self.talo_rule = self.talo.selection_rule()
         self.talo_report = TaloReport.start(self, self.talo)
+        self.talo_ranks = current_ranks()
 
     # --- the harness entry points ---
 
@@ -138,26 +145,37 @@ class TaloMixin:
     def _talo_groups(self, reqtype: str, requests: Sequence) -> list[TaloGroup]:
         groups: dict[tuple, TaloGroup] = {}
         fields_by_task = {}
-        for position, request in enumerate(requests):
-            task_name = request.task_name
+        first_doc: dict[tuple, Any] = {}
+        # Under several processes every rank sees every rank's requests, so all ranks probe the same groups.
+        shared = SharedRequests(reqtype, requests, task_capture.CAPTURED.tasks, self.talo_ranks)
+
+        def group_of(task_name, doc_id) -> TaloGroup:
             task = task_capture.task(task_name)
             if task_name not in fields_by_task:
                 fields_by_task[task_name] = resolve_fields(
                     task_name, self.talo.granularity, self.talo.category_field, self.talo.stratify_field, task
                 )
             category_field, _ = fields_by_task[task_name]
-            doc = task.eval_docs[request.doc_id]
+            doc = task.eval_docs[doc_id]
             category = field_value(doc, category_field, task_name) if category_field else None
             key = (task_name, category)
             if key not in groups:
                 groups[key] = TaloGroup(task_name, category, task, reqtype)
-            groups[key].positions.append(position)
+            first_doc[key] = min(first_doc.get(key, doc_id), doc_id)
+            return groups[key]
+
+        for position, request in enumerate(requests):
+            group_of(request.task_name, request.doc_id).positions.append(position)
+        for task_name, doc_id in shared.remote_keys:
+            group_of(task_name, doc_id)
+        if self.talo_ranks.distributed:
+            groups = dict(sorted(groups.items(), key=lambda item: shared.group_order(item[0][0], first_doc[item[0]])))
         # Probe candidates come from all of the task's instances, not only the requests that reached
         # the model: a response cache may have answered some, and the split must not depend on that.
         for (task_name, category), group in groups.items():
             category_field, stratify_field = fields_by_task[task_name]
             docs = group.task.eval_docs
-            for instance in group.task.instances:
+            for instance in shared.instances(task_name, group.task):
                 if instance.request_type != reqtype:
                     continue
                 if category_field and field_value(docs[instance.doc_id], category_field, task_name) != category:
@@ -173,6 +191,7 @@ class TaloMixin:
         return list(groups.values())
 
     def _talo_answer(self, reqtype: str, requests: Sequence, base_method: Callable) -> list:
+        self.talo_ranks = current_ranks()
         results: list = [None] * len(requests)
         answered = []
         for group in self._talo_groups(reqtype, requests):
@@ -183,17 +202,24 @@ class TaloMixin:
                 results[position] = answer
         if self.talo.transfer or self.talo.test_all_layers:
             self._talo_score_test_variants(answered, base_method)
-        path = self.talo_report.write(task_capture.CAPTURED.cli_args)
-        log.info(f"TaLo ({reqtype}): report written to {path}\n{summary_table(self.talo_report.to_dict())}")
-        log.info("TaLo: lmms-eval's aggregate below counts probe-pool docs too (unless the task excludes them); the report's TaLo column is the test (non-pool) score")
+        path = self._talo_write_report()
+        if self.talo_ranks.is_main:
+            log.info(f"TaLo ({reqtype}): report written to {path}\n{summary_table(self.talo_report.to_dict())}")
+            log.info("TaLo: lmms-eval's aggregate below counts probe-pool docs too (unless the task excludes them); the report's TaLo column is the test (non-pool) score")
         return results
+
+    def _talo_write_report(self):
+        """The report is the merged view of all ranks: only the main rank writes it."""
+        return self.talo_report.write(task_capture.CAPTURED.cli_args) if self.talo_ranks.is_main else None
 
     def _talo_store(self, group: TaloGroup) -> ProbeStore:
         state_dir = self.talo.state_dir or default_state_dir()
         fingerprint = {
             "model": self.talo_report.model_identity,
             "task": group.name,
-            "task_config": repr(sorted(group.task.dump_config().items())) if hasattr(group.task, "dump_config") else "",
+            # function reprs carry memory addresses ("<function f at 0x7f...>"): drop them, or no run could resume
+            "task_config": re.sub(r" at 0x[0-9a-f]+", "", repr(sorted(group.task.dump_config().items())))
+            if hasattr(group.task, "dump_config") else "",
             "intervention": self.talo.intervention,
             "seed": self.talo.seed,
             "shots": self.talo.probe_shots,
@@ -201,8 +227,9 @@ class TaloMixin:
         }
         return ProbeStore(None if state_dir == "none" else state_dir, fingerprint)
 
-    def _talo_answer_group(self, group: TaloGroup, group_requests: list, base_method: Callable) -> list:
-        scorer = TaskScorer(group.task, group.task_name)
+    def _talo_sweep(self, group: TaloGroup, base_method: Callable, scorer: TaskScorer) -> LayerSweep:
+        """The group's layer sweep: the base class answers the probe docs' requests, the task's own
+        scoring scores them, and the config picks the sweep mode and prefix replay."""
 
         def answer(knockout: Knockout | None, docs: Sequence) -> dict:
             flat = [r for d in docs for r in group.doc_requests[d]]
@@ -217,7 +244,12 @@ class TaloMixin:
         def score(doc_id, responses) -> float:
             return scorer.score(group.task.eval_docs[doc_id], group.doc_requests[doc_id], responses)
 
-        sweep = LayerSweep(answer, score, self._talo_store(group))
+        replay = PrefixReplay(self._talo_model(), max(self.talo_candidate_layers)) if self.talo.replay else None
+        return LayerSweep(answer, score, self._talo_store(group), mode=self.talo.sweep, replay=replay, ranks=self.talo_ranks)
+
+    def _talo_answer_group(self, group: TaloGroup, group_requests: list, base_method: Callable) -> list:
+        scorer = TaskScorer(group.task, group.task_name)
+        sweep = self._talo_sweep(group, base_method, scorer)
         report = GroupReport.start(group)
         if self.talo.force_layer is not None:
             knockout = Knockout((self.talo.force_layer,), self.talo.intervention)
@@ -235,7 +267,7 @@ class TaloMixin:
             report.extended(layers, stages)
             knockout = Knockout(layers, self.talo.intervention) if layers else None
         self.talo_report.add(report)
-        self.talo_report.write(task_capture.CAPTURED.cli_args)  # a crash later keeps the selection
+        self._talo_write_report()  # a crash later keeps the selection
 
         started = time.perf_counter()
         answers = self._talo_run_base(base_method, group_requests, knockout, strict=False)
@@ -252,7 +284,8 @@ class TaloMixin:
 
     def _talo_score_test(self, group, group_requests, answers, report, scorer, which: str) -> None:
         """Score the answered docs; the report keeps per-doc scores and the mean over the test set."""
-        report.scored(which, self._talo_doc_scores(group, group_requests, answers, scorer), set(group.split.pool))
+        scores = self.talo_ranks.merged(self._talo_doc_scores(group, group_requests, answers, scorer))
+        report.scored(which, scores, set(group.split.pool))
 
     def _talo_score_test_variants(self, answered: list, base_method: Callable) -> None:
         """transfer / test_all_layers: score each sub-task's test docs under the knockouts selected
@@ -274,9 +307,9 @@ class TaloMixin:
                     continue
                 knockout = Knockout(layers, self.talo.intervention) if layers else None
                 answers = self._talo_run_base(base_method, test_requests, knockout, strict=False)
-                scores = self._talo_doc_scores(group, test_requests, answers, scorer)
+                scores = self.talo_ranks.merged(self._talo_doc_scores(group, test_requests, answers, scorer))
                 report.scored_variant(label, scores, set(group.split.pool))
-        self.talo_report.write(task_capture.CAPTURED.cli_args)
+        self._talo_write_report()
 
     @staticmethod
     def _talo_doc_scores(group, group_requests, answers, scorer) -> dict:

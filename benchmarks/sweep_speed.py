@@ -1,0 +1,270 @@
+"""How much the fast sweep saves: one probe set, five ways, each in its own process.
+
+  plain    one evaluation of the probe set by the base model (the unit of the ratios)
+  authors  the authors' way: reload the model from disk for the base and for every layer, edit the
+           layer's weights, evaluate the probe set
+  naive    TaLo's in-memory sweep without prefix replay (sweep=full, replay=false)
+  replay   prefix replay, every layer on every doc (sweep=full, replay=true; the default)
+  select   prefix replay and exact pruning (sweep=select, replay=true)
+
+Every mode runs through the harness's own model class and TaLo's own sweep code (the adapter's
+_talo_sweep), on the same probe docs (one probe round). Wall time covers the measured work only
+(model reloads included for `authors`); forward passes are counted with hooks: model calls
+(a prefill or one decode step each), decoder-layer forwards, vision-tower calls; peak memory is the
+process's maximum resident set size.
+
+  python benchmarks/sweep_speed.py vlm          # (a) random-weight SmolLM2-shaped LLaVA, 576 image tokens
+  python benchmarks/sweep_speed.py smollm2 --shots 8   # (b) the demo's SmolLM2-135M and task (after `lmms-talo demo`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODES = ("plain", "authors", "naive", "replay", "select")
+TALO_ARGS = {
+    "plain": "replay=false",
+    "authors": "replay=false",
+    "naive": "replay=false,sweep=full",
+    "replay": "replay=true,sweep=full",
+    "select": "replay=true,sweep=select",
+}
+
+
+# --- inside one mode's process ---
+
+
+class PassCounter:
+    """Hooks on the model (calls: a prefill or one decode step each), each decoder layer's attention
+    (layer forwards, and the tokens they process: the measure of decoder work) and the vision tower."""
+
+    def __init__(self):
+        self.model_calls = self.layer_forwards = self.layer_tokens = self.vision_calls = 0
+        self.num_layers = 0
+
+    def _layer(self, module, args, kwargs, output) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.layer_forwards += 1
+        self.layer_tokens += hidden.shape[0] * hidden.shape[1]
+
+    def reset(self) -> None:
+        self.model_calls = self.layer_forwards = self.layer_tokens = self.vision_calls = 0
+
+    def attach(self, model) -> None:
+        from lmms_talo.backbone import decoder_layers, unwrap
+
+        model = unwrap(model)
+        sites = decoder_layers(model)
+        self.num_layers = len(sites)
+        model.register_forward_hook(lambda *_: setattr(self, "model_calls", self.model_calls + 1))
+        for site in sites:
+            site.attention.register_forward_hook(self._layer, with_kwargs=True)
+        inner = getattr(model, "model", None)
+        tower = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
+        if tower is not None:
+            tower.register_forward_hook(lambda *_: setattr(self, "vision_calls", self.vision_calls + 1))
+
+
+def _lmms_eval_setup(spec: dict, mode: str):
+    """A TaLo lmms-eval model and its probe group, prepared as lmms-eval's evaluator does."""
+    from lmms_eval.models import get_model
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    from lmms_talo.lmms import task_capture
+    from lmms_talo.lmms.adapter import TaloMixin
+
+    def load():
+        lm = get_model(spec["model"], True).create_from_arg_string(f"{spec['model_args']},{TALO_ARGS[mode]}")
+        lm.task_dict[spec["task"]] = task.dataset
+        return lm
+
+    task_dict = get_task_dict([spec["task"]], TaskManager(include_path=spec["include_path"]))
+    task_capture.remember(task_dict)
+    task = task_capture.task(spec["task"])
+    task.build_all_requests(rank=0, world_size=1)
+    lm = load()
+    (group,) = lm._talo_groups(spec["reqtype"], task.instances)
+    return lm, group, load, lambda lm: getattr(super(TaloMixin, lm), spec["reqtype"])
+
+
+def run_mode(spec: dict, mode: str) -> dict:
+    import torch
+
+    from lmms_talo.interventions import edit_weights_in_place
+    from lmms_talo.scoring import TaskScorer
+
+    torch.set_num_threads(spec["threads"])
+    lm, group, load, base_method_of = _lmms_eval_setup(spec, mode)
+    layers = list(lm.talo_candidate_layers)
+    scorer = TaskScorer(group.task, group.task_name)
+    probe = group.split.probe_set(0)
+    counter = PassCounter()
+    counter.attach(lm.model)
+    out: dict = {"mode": mode, "probe_docs": [str(d) for d in probe], "layers": len(layers)}
+    # one untimed, uncounted pass on another doc first: one-time costs (lazy init, allocator) are not the sweep's
+    warm = next(d for d in group.docs() if d not in probe)
+    lm._talo_sweep(group, base_method_of(lm), scorer).answer(None, [warm])
+    counter.reset()
+
+    started = time.perf_counter()
+    if mode == "plain":
+        sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
+        sweep.answer(None, probe)
+    elif mode == "authors":
+        scores = {}
+        for layer in [None] + layers:
+            del lm
+            gc.collect()
+            lm = load()
+            counter.attach(lm.model)
+            if layer is not None:
+                edit_weights_in_place(lm._talo_model(), layer, spec["intervention"])
+            sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
+            answers = sweep.answer(None, probe)
+            scores[str(layer)] = [sweep.score(d, answers[d]) for d in probe]
+        out["scores"] = scores
+    else:
+        sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
+        result = sweep.run(group.split, layers, spec["intervention"], lm.talo.threshold, 1)
+        out.update(selected=result.selected, pruned={str(k): v.after_docs for k, v in result.pruned[0].items()},
+                   doc_scores=result.doc_scores, replay=result.replay)
+    out["seconds"] = time.perf_counter() - started
+    out.update(model_calls=counter.model_calls, layer_forwards=counter.layer_forwards, layer_tokens=counter.layer_tokens,
+               vision_calls=counter.vision_calls, num_layers=counter.num_layers,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+# --- the driver ---
+
+
+def vlm_spec(work: Path, shots: int, threads: int) -> dict:
+    """(a): the realistic-shape random LLaVA on a local image task (generate_until, 4 new tokens)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from harness import write_image_task
+
+    import realistic_vlm
+
+    model_dir = realistic_vlm.build(work / "vlm")
+    write_image_task(work / "task", "talo_bench_vqa", [f"answer {i % 4}" for i in range(3 * shots)])
+    return {
+        "model": "talo_llava", "task": "talo_bench_vqa", "reqtype": "generate_until",
+        "include_path": str(work / "task"), "intervention": "zero", "threads": threads,
+        "model_args": f"pretrained={model_dir},device=cpu,device_map=cpu,probe_shots={shots},state_dir=none,resample_rounds=1",
+    }
+
+
+def smollm2_spec(model: Path, task: str, include_path: Path, shots: int, threads: int) -> dict:
+    """(b): the demo's SmolLM2-135M-Instruct on a demo task, through the demo's lmms-eval model
+    (talo_huggingface, options scored by likelihood, batch size 8 as the demo runs it)."""
+    return {
+        "model": "talo_huggingface", "task": task, "reqtype": "loglikelihood", "include_path": str(include_path),
+        "intervention": "zero", "threads": threads,
+        "model_args": f"pretrained={model},device=cpu,dtype=float32,chat_template=false,batch_size=8,"
+                      f"probe_shots={shots},state_dir=none,resample_rounds=1",
+    }
+
+
+def measure(spec: dict, modes) -> list[dict]:
+    rows = []
+    for mode in modes:
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(spec)],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+        if proc.returncode != 0:
+            raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-6000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  {mode}: {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The fast modes must reproduce the slow ones: same probe docs, per-doc scores, selection."""
+    by = {r["mode"]: r for r in rows}
+    problems = []
+    if len({tuple(r["probe_docs"]) for r in rows}) != 1:
+        problems.append("the modes probed different docs")
+    if "naive" in by and "replay" in by and by["replay"]["doc_scores"] != by["naive"]["doc_scores"]:
+        problems.append("replay's per-doc scores differ from the naive sweep's")
+    for fast in ("replay", "select"):
+        if "naive" in by and fast in by and by[fast]["selected"] != by["naive"]["selected"]:
+            problems.append(f"{fast} selected layer {by[fast]['selected']}, the naive sweep {by['naive']['selected']}")
+    if "authors" in by and "naive" in by:
+        naive = {label: [scores[d] for d in by["naive"]["probe_docs"]] for label, scores in by["naive"]["doc_scores"].items()}
+        authors = {("base" if k == "None" else k): v for k, v in by["authors"]["scores"].items()}
+        if authors != naive:
+            problems.append("the reload-per-layer scores differ from the in-memory sweep's")
+    return problems
+
+
+def table(title: str, rows: list[dict]) -> str:
+    plain = next(r for r in rows if r["mode"] == "plain")
+    head = "| mode | wall s | x plain | x naive | model calls | layer forwards | decoder work x plain | vision calls | peak MB | x plain |"
+    lines = [f"**{title}** ({len(plain['probe_docs'])} probe docs, {plain['layers']} candidate layers)", "", head,
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    naive = next((r for r in rows if r["mode"] == "naive"), None)
+    for r in rows:
+        vs_naive = f"{r['seconds'] / naive['seconds']:.2f}" if naive else "-"
+        lines.append(
+            f"| {r['mode']} | {r['seconds']:.1f} | {r['seconds'] / plain['seconds']:.2f} | {vs_naive} | {r['model_calls']} "
+            f"| {r['layer_forwards']} | {r['layer_tokens'] / plain['layer_tokens']:.2f} | {r['vision_calls']} | {r['peak_rss_mb']:.0f} "
+            f"| {r['peak_rss_mb'] / plain['peak_rss_mb']:.2f} |"
+        )
+    select = next((r for r in rows if r["mode"] == "select"), None)
+    if select and select["pruned"]:
+        lines += ["", "select pruned (layer: after docs): " + ", ".join(f"{k}: {v}" for k, v in sorted(select["pruned"].items(), key=lambda kv: int(kv[0])))]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("case", choices=("vlm", "smollm2"))
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lmms_talo_bench")
+    parser.add_argument("--shots", type=int, default=4, help="probe docs (probe_shots)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--modes", default=",".join(MODES))
+    cache = Path(os.environ.get("LMMS_TALO_CACHE", Path.home() / ".cache" / "lmms_talo"))
+    parser.add_argument("--model", type=Path, default=cache / "models" / "SmolLM2-135M-Instruct",
+                        help="(b) the converted model folder (lmms-talo demo builds it)")
+    parser.add_argument("--task", default="bb_general_knowledge", help="(b) the demo task")
+    parser.add_argument("--include-path", type=Path, default=cache / "bigbench" / "tasks" / "lmms",
+                        help="(b) the folder holding the demo tasks' lmms-eval YAML")
+    parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.case == "vlm":
+        spec, title = vlm_spec(args.work, args.shots, args.threads), "(a) random SmolLM2-135M-shaped LLaVA, 576 image tokens"
+    else:
+        if not (args.model / "config.json").exists() or not (args.include_path / f"{args.task}.yaml").exists():
+            parser.error(f"no model at {args.model} or no task {args.task} in {args.include_path}: run `lmms-talo demo` first")
+        spec = smollm2_spec(args.model, args.task, args.include_path, args.shots, args.threads)
+        title = f"(b) SmolLM2-135M-Instruct, {args.task}"
+    modes = [m for m in args.modes.split(",") if m]
+    if "plain" not in modes:
+        modes.insert(0, "plain")
+    rows = measure(spec, modes)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(table(title, rows))
+    problems = check(rows)
+    for problem in problems:
+        print(f"MISMATCH: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(run_mode(json.loads(sys.argv[3]), sys.argv[2]), default=str))
+        sys.exit(0)
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())

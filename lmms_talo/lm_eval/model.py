@@ -1,0 +1,36 @@
+"""`talo_hf`: TaLo over lm-eval's Hugging Face model class (HFLM).
+
+It is the same TaloMixin the lmms-eval models use: the same grouping, probe split, sweep,
+selection, scoring (the task's own filters and process_results) and report. Only the harness
+hooks differ: lm-eval's Task objects come from lmms_talo.lm_eval.capture, and HFLM's own
+`loglikelihood` / `generate_until` do every forward pass.
+
+lm-eval has no plugin hook: `register()` adds `talo_hf` to lm-eval's model registry in this
+process; `lmms-talo lm-eval ...` calls it and then runs lm-eval's own CLI.
+"""
+
+from __future__ import annotations
+
+from lm_eval.models.huggingface import HFLM
+
+from ..lmms.adapter import TaloMixin
+from . import capture
+
+MODEL_NAME = "talo_hf"
+
+
+class TaloHFLM(TaloMixin, HFLM):
+    """`--model talo_hf --model_args pretrained=...,probe_shots=10,...` (HFLM's args plus TaLo's)."""
+
+    def __init__(self, **kwargs):
+        capture.install()
+        super().__init__(**kwargs)
+
+
+def register() -> None:
+    """Make `talo_hf` known to lm-eval (idempotent)."""
+    import lm_eval.models  # noqa: F401  (fills the registry first: lm-eval only does so when it is empty)
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry.keys():
+        model_registry.register(MODEL_NAME, target=TaloHFLM)

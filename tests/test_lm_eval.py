@@ -1,0 +1,186 @@
+"""TaLo through lm-evaluation-harness's own CLI (`python -m lmms_talo lm-eval`, model `talo_hf`),
+offline on a tiny random Llama, and the same selection through lmms-eval (`talo_huggingface`
+--force_simple) on the same probe docs: both harnesses score the same way here (option likelihood
+after the same plain prompt; the same generation scorer), so they must agree on everything the
+probe pass decides.
+
+The multiple-choice task is an oracle: each doc's correct option is the one the model itself
+prefers with layer ORACLE_LAYER's attention knocked out, so TaLo must select that layer.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness import cli_env, run_lmms_eval
+from lmms_talo.demo.bigbench import convert_task, multiple_choice_docs
+from lmms_talo.interventions import Knockout, knocked_out
+
+N_DOCS = 15
+SHOTS = 3
+ORACLE_LAYER = 2
+WORDS = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "haze", "iris", "jade", "kelp", "lumen"]
+TALO_ARGS = f"probe_shots={SHOTS},state_dir=none,compare_base=true"
+
+
+class _Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+def _oracle_task(model_dir) -> dict:
+    """A BIG-bench-style task whose correct option is the one the model picks with layer
+    ORACLE_LAYER knocked out, kept only where the full model and every other knockout pick another
+    (a random tiny model's choice moves with a knockout on few docs: candidates are drawn until
+    N_DOCS qualify)."""
+    from lmms_talo.lmms.text_model import CausalLM
+
+    lm = CausalLM(pretrained=str(model_dir), device="cpu", chat_template="false")
+    candidates = [
+        {"input": f"Which word follows {WORDS[i % 12]} {i}?", "target_scores": {WORDS[(i * 5 + j) % 12]: int(j == 0) for j in range(4)}}
+        for i in range(40 * N_DOCS)
+    ]
+    docs, _ = multiple_choice_docs({"examples": candidates}, "oracle", None, seed=0)
+
+    def pick(doc, layer):
+        with knocked_out(lm.model, Knockout((layer,), "zero") if layer else None):
+            losses = lm.loglikelihood([_Request(doc["prompt_cloze"], f" {o}") for o in doc["options"]])
+        return doc["options"][min(range(len(losses)), key=lambda i: losses[i][0])]
+
+    kept = []
+    for example, doc in zip(candidates, docs):
+        oracle = pick(doc, ORACLE_LAYER)
+        if all(pick(doc, other) != oracle for other in (None, 1, 3)):
+            # the option order depends on the example's position and option list, not on its scores
+            example["target_scores"] = {option: int(option == oracle) for option in example["target_scores"]}
+            kept.append(example)
+            if len(kept) == N_DOCS:
+                return {"name": "oracle", "examples": kept}
+    raise AssertionError(f"only {len(kept)} docs separate layer {ORACLE_LAYER} from the full model and the other layers")
+
+
+def _generated(samples_file) -> dict:
+    """doc id -> the generated answer in a harness's samples log (lmms-eval logs it stripped)."""
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    return {r["doc_id"]: (r["filtered_resps"] if isinstance(r["filtered_resps"], str) else r["filtered_resps"][0]).strip() for r in rows}
+
+
+@pytest.fixture(scope="module")
+def oracle_tasks(tiny_model_dir, tmp_path_factory):
+    model_dir = tiny_model_dir("llama")
+    folder = tmp_path_factory.mktemp("oracle_tasks")
+    task = _oracle_task(model_dir)
+    convert_task(task, "oracle", folder, styles=("cloze", "generate"))
+    answers = [d["answer"] for d in multiple_choice_docs(task, "oracle", None, 0)[0]]
+    assert len(set(answers)) > 1, "the knocked-out model must not pick the same position everywhere"
+    return model_dir, folder
+
+
+def _run_lm_eval(model_dir, folder, out, report):
+    cmd = [
+        sys.executable, "-m", "lmms_talo", "lm-eval", "--model", "talo_hf",
+        "--model_args", f"pretrained={model_dir},{TALO_ARGS},report={report}",
+        "--tasks", "bb_oracle,bb_oracle_gen", "--include_path", str(folder / "lm_eval"),
+        "--output_path", str(out), "--batch_size", "4", "--device", "cpu", "--log_samples",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert proc.returncode == 0, f"lm-eval failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = sorted(out.rglob("results_*.json"))
+    assert results, f"no lm-eval results under {out}:\n{proc.stderr[-3000:]}"
+    return json.loads(results[-1].read_text()), proc
+
+
+def _by_task(report: dict) -> dict:
+    return {group["task"]: group for group in report["subtasks"]}
+
+
+def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path):
+    model_dir, folder = oracle_tasks
+
+    lm_report_path = tmp_path / "lm_eval_report.json"
+    results, proc = _run_lm_eval(model_dir, folder, tmp_path / "lm_out", lm_report_path)
+    lm_report = _by_task(json.loads(lm_report_path.read_text()))
+    assert set(lm_report) == {"bb_oracle", "bb_oracle_gen"}
+    mc = lm_report["bb_oracle"]
+    assert mc["request_type"] == "loglikelihood" and lm_report["bb_oracle_gen"]["request_type"] == "generate_until"
+    assert mc["selected_layer"] == ORACLE_LAYER and mc["interaction_vector"][str(ORACLE_LAYER)] > 0
+    assert mc["candidate_layers"] == [1, 2, 3]
+    assert len(mc["pool"]) == min(N_DOCS // 3, 4 * SHOTS) and mc["test"]["talo"]["n"] == N_DOCS - len(mc["pool"])
+    assert mc["test"]["talo"]["score"] == 1.0 and mc["test"]["base"]["score"] < 1.0
+    # lm-eval's own aggregate (pool docs included) comes from the knocked-out model's answers
+    assert results["results"]["bb_oracle"]["acc,none"] == 1.0
+    assert "talo_hf" in proc.stdout + proc.stderr
+
+    lmms_report_path = tmp_path / "lmms_eval_report.json"
+    run_lmms_eval(
+        "talo_huggingface", f"pretrained={model_dir},device=cpu,chat_template=false,{TALO_ARGS},report={lmms_report_path}",
+        "bb_oracle,bb_oracle_gen", folder / "lmms", tmp_path / "lmms_out", "--force_simple",
+    )
+    lmms_report = _by_task(json.loads(lmms_report_path.read_text()))
+    for task in ("bb_oracle", "bb_oracle_gen"):
+        ours, theirs = lmms_report[task], lm_report[task]
+        for key in ("pool", "probe_docs", "selected_layer", "interaction_vector", "probe_doc_scores", "rounds"):
+            assert ours[key] == theirs[key], f"{task}: the harnesses disagree on {key}"
+    assert lmms_report["bb_oracle"]["test"]["talo"]["doc_scores"] == mc["test"]["talo"]["doc_scores"]
+    (lm_samples,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_gen_*.jsonl")
+    (lmms_samples,) = (tmp_path / "lmms_out").rglob("*_samples_bb_oracle_gen.jsonl")
+    assert _generated(lm_samples) == _generated(lmms_samples)  # the same greedy answers, doc for doc
+
+
+def test_lm_eval_command_passes_bad_arguments_to_lm_eval_and_fails(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_talo", "lm-eval", "--model", "talo_hf", "--no_such_flag"],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )
+    assert proc.returncode != 0 and "--no_such_flag" in proc.stderr
+
+
+def _greedy_pair(lm, contexts) -> tuple[str, str]:
+    """A context and the model's own next token as text (one that survives decode + encode)."""
+    import torch
+
+    for context in contexts:
+        with torch.no_grad():
+            token = int(lm.model(torch.tensor([lm.tokenizer.encode(context)])).logits[0, -1].argmax())
+        text = lm.tokenizer.decode([token])
+        if lm.encode_pair(context, text)[1] == [token]:
+            return context, text
+    raise AssertionError("no context whose greedy next token survives decode + encode")
+
+
+def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir):
+    """lmms-talo's simple lmms-eval class returns -log p where lm-eval's HFLM returns log p: the same
+    tokenisation (trailing context whitespace joins the continuation) and the same greedy flags."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from lmms_talo.lmms.text_model import CausalLM
+
+    path = str(tiny_model_dir("llama"))
+    ours = CausalLM(pretrained=path, device="cpu", chat_template="false")
+    context = "Question: Which word follows amber?\nAnswer:"
+    pairs = [(context, " basil"), (context, " cedar delta"), (context + " ", "ember"), ("Short", " fjord grove haze")]
+    pairs.append(_greedy_pair(ours, [f"{word} {i}" for i in range(20) for word in WORDS]))
+    pairs += [(" ".join(WORDS[:n]), ".") for n in (1, 4, 9)]  # one-token continuations: contexts share a padded batch
+    theirs = HFLM(pretrained=path, device="cpu", batch_size=2).loglikelihood(
+        [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    )
+    mine = ours.loglikelihood([_Request(*pair) for pair in pairs])
+    for (nll, our_greedy), (logprob, their_greedy) in zip(mine, theirs):
+        assert nll == pytest.approx(-logprob, rel=1e-5, abs=1e-4)
+        assert our_greedy == their_greedy
+    assert mine[4][1] is True and not all(g for _, g in mine)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [({"flash": "yes"}, "unknown model args \\['flash'\\]"), ({"dtype": "float8"}, "dtype='float8'"),
+     ({"batch_size": "auto"}, "batch_size must be a positive integer")],
+)
+def test_hf_causal_lm_rejects_bad_model_args(tiny_model_dir, args, message):
+    from lmms_talo.lmms.text_model import CausalLM, ModelArgumentError
+
+    with pytest.raises(ModelArgumentError, match=message):
+        CausalLM(pretrained=str(tiny_model_dir("llama")), device="cpu", **args)

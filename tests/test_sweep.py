@@ -1,0 +1,157 @@
+"""The sweep's decisions: full mode is the paper's protocol; select mode (exact pruning) picks the
+same layer on every score matrix, ties and thresholds included, with fewer passes."""
+
+import numpy as np
+import pytest
+
+from lmms_talo.probe import split_subtask
+from lmms_talo.select import baseline_is_perfect, decide_round, mean
+from lmms_talo.store import ProbeStore
+from lmms_talo.sweep import LayerPruner, LayerSweep, SweepModeError
+
+LAYERS = (1, 2, 3, 4, 5, 6)
+
+
+class ScoreTable:
+    """A model whose answer to (variant, doc) is a fixed score; counts every (variant, doc) it runs."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.runs: list[tuple[str, int]] = []
+
+    def answer(self, knockout, docs):
+        label = knockout.label if knockout else "base"
+        self.runs.extend((label, d) for d in docs)
+        return {d: [self.table[label][d]] for d in docs}
+
+    @staticmethod
+    def score(doc, responses):
+        return float(responses[0])
+
+
+def reference_rounds(table, split, threshold, rounds):
+    """The protocol as DESIGN.md states it: all layers on all probe docs, decide, redraw if nothing helps."""
+    outcomes = []
+    for round_index in range(rounds):
+        probe = split.probe_set(round_index)
+        base = {d: table["base"][d] for d in probe}
+        layers = {}
+        if not (baseline_is_perfect(mean(list(base.values()))) and threshold >= 0):
+            layers = {l: {d: table[str(l)][d] for d in probe} for l in LAYERS}
+        outcomes.append(decide_round(probe, base, layers, threshold))
+        if outcomes[-1].selected is not None:
+            break
+    return outcomes
+
+
+def random_table(rng, n_docs):
+    kind = rng.integers(4)
+    labels = ["base"] + [str(l) for l in LAYERS]
+    if kind == 0:  # correct / wrong
+        values = rng.integers(0, 2, size=(len(labels), n_docs)).astype(float)
+    elif kind == 1:  # few distinct values: many exact ties
+        values = rng.choice([0.0, 0.5, 1.0], size=(len(labels), n_docs))
+    elif kind == 2:  # a strong base model: perfect baselines happen
+        values = (rng.random((len(labels), n_docs)) < 0.9).astype(float)
+    else:  # arbitrary scores, some a hair below 1 (float rounding of the means)
+        values = rng.random((len(labels), n_docs))
+        values[rng.random(values.shape) < 0.3] = 1.0 - 1e-16 * rng.integers(1, 4)
+        values[rng.random(values.shape) < 0.3] = 1.0
+    return {label: {d: float(values[i, d]) for d in range(n_docs)} for i, label in enumerate(labels)}
+
+
+def sweep(table, mode, split, threshold, rounds=3):
+    model = ScoreTable(table)
+    result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode).run(
+        split, LAYERS, "zero", threshold, rounds
+    )
+    return result, model
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_select_mode_picks_the_full_sweeps_layer(seed):
+    rng = np.random.default_rng(seed)
+    for case in range(60):
+        n_docs = int(rng.integers(6, 40))
+        shots = int(rng.integers(1, max(2, n_docs // 3) + 1))
+        split = split_subtask(f"task{case}", list(range(n_docs)), shots, seed=case)
+        threshold = float(rng.choice([0.0, 0.0, -0.2, 0.1, 0.25]))
+        table = random_table(rng, n_docs)
+
+        full, full_model = sweep(table, "full", split, threshold)
+        select, select_model = sweep(table, "select", split, threshold)
+
+        assert full.rounds == reference_rounds(table, split, threshold, 3)
+        assert [o.selected for o in select.rounds] == [o.selected for o in full.rounds]
+        assert len(select_model.runs) <= len(full_model.runs)
+        for outcome, pruned in zip(select.rounds, select.pruned):
+            assert not set(pruned) & set(outcome.layer_scores), "a pruned layer took part in the decision"
+            for layer, note in pruned.items():
+                assert 1 <= note.after_docs <= len(outcome.probe_docs)
+                assert note.reason
+
+
+def test_pruning_saves_passes_and_says_where():
+    """Layer 3 is right everywhere, the others miss every doc the base model misses: they are
+    dropped after those docs, and only layer 3 is scored on the whole probe set."""
+    docs = list(range(30))
+    split = split_subtask("t", docs, 10, seed=0)
+    probe = split.probe_set(0)
+    base = {d: float(i % 2) for i, d in enumerate(sorted(docs))}
+    table = {"base": base}
+    for layer in LAYERS:
+        table[str(layer)] = {d: 1.0 if layer == 3 else base[d] for d in docs}
+    full, full_model = sweep(table, "full", split, 0.0)
+    select, select_model = sweep(table, "select", split, 0.0)
+    assert full.selected == select.selected == 3
+    misses = sum(1 for d in probe if base[d] == 0.0)
+    (pruned,) = select.pruned
+    assert set(pruned) == set(LAYERS) - {3}
+    assert all(note.after_docs <= misses for note in pruned.values())
+    layer_runs = [r for r in select_model.runs if r[0] != "base"]
+    assert len(layer_runs) < len(LAYERS) * len(probe)
+    assert sum(1 for label, _ in layer_runs if label == "3") == len(probe)
+    assert select.doc_scores["3"] == full.doc_scores["3"]
+
+
+def test_ties_go_to_the_lowest_layer_in_both_modes():
+    docs = list(range(12))
+    split = split_subtask("t", docs, 4, seed=1)
+    table = {"base": {d: 0.0 for d in docs}}
+    for layer in LAYERS:
+        table[str(layer)] = {d: 1.0 if layer in (2, 5) else 0.0 for d in docs}
+    full, _ = sweep(table, "full", split, 0.0)
+    select, _ = sweep(table, "select", split, 0.0)
+    assert full.selected == select.selected == 2
+    assert full.final.tied_layers == (2, 5)
+
+
+def test_pruner_bounds_are_exact_at_the_edges():
+    pruner = LayerPruner(["a", "b"], [1, 2], baseline=0.5, threshold=0.0)
+    pruner.observe({1: {"a": 0.0}, 2: {"a": 1.0}})
+    assert pruner.pruned[1].after_docs == 1  # at most 0.5: no gain over 0.5
+    assert 2 not in pruner.pruned
+    pruner = LayerPruner(["a", "b"], [1, 2], baseline=0.0, threshold=0.0)
+    pruner.observe({1: {"a": 0.0}, 2: {"a": 1.0}})
+    assert pruner.alive() == [1, 2]  # layer 1 can still tie layer 2 at 0.5, and would win the tie
+    pruner.observe({1: {"b": 1.0}, 2: {"b": 0.0}})
+    assert pruner.alive() == [1]  # a real tie at 0.5: the lower layer wins it, so layer 2 cannot win
+    pruner = LayerPruner(["a", "b"], [1, 2], baseline=0.0, threshold=0.0)
+    pruner.observe({1: {"a": 1.0}, 2: {"a": 0.0}})
+    assert "layer 1" in pruner.pruned[2].reason  # layer 2 can at best tie layer 1, and ties go low
+
+
+def test_a_perfect_baseline_sweeps_no_layer_in_either_mode():
+    docs = list(range(12))
+    split = split_subtask("t", docs, 4, seed=0)
+    table = {"base": {d: 1.0 for d in docs}, **{str(l): {d: 1.0 for d in docs} for l in LAYERS}}
+    for mode in ("full", "select"):
+        result, model = sweep(table, mode, split, 0.0, rounds=2)
+        assert result.selected is None
+        assert {label for label, _ in model.runs} == {"base"}
+        assert result.final.reason == "baseline already perfect on the probe set"
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(SweepModeError, match="sweep='fastest'"):
+        LayerSweep(None, None, ProbeStore(None, {}), mode="fastest")
