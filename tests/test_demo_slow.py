@@ -56,18 +56,18 @@ def test_demo_runs_talo_on_the_real_model(demo_cache, tmp_path):
     out = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "lmms_talo", "demo", "-o", str(out), "--cache", str(demo_cache), "--probe-shots", "3",
-        "--tasks", "similarities_abstraction:cloze:30,arithmetic/1_digit_subtraction:generate:30",
+        "--tasks", "similarities_abstraction:cloze:30,arithmetic/1_digit_addition:generate:30",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=1800)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     report = json.loads((out / "talo_report.json").read_text())
     groups = {g["task"]: g for g in report["subtasks"]}
-    assert set(groups) == {"bb_similarities_abstraction", "bb_arithmetic_1_digit_subtraction_gen"}
+    assert set(groups) == {"bb_similarities_abstraction", "bb_arithmetic_1_digit_addition_gen"}
     assert {g["request_type"] for g in groups.values()} == {"loglikelihood", "generate_until"}
     for group in groups.values():
         assert group["candidate_layers"] == list(range(1, 30))
         assert len(group["interaction_vector"]) == 29
         assert group["test"]["base"]["n"] == group["test"]["talo"]["n"] == 30 - len(group["pool"])
     assert (out / "interaction_heatmap.png").stat().st_size > 10_000
-    for name in ("bb_similarities_abstraction", "bb_arithmetic_1_digit_subtraction_gen", "chance", "base [95% CI]"):
+    for name in ("bb_similarities_abstraction", "bb_arithmetic_1_digit_addition_gen", "chance", "base [95% CI]"):
         assert name in proc.stdout

@@ -254,7 +254,7 @@ class ReportBuilder:
         rows = [[f"{s} (layer {l})"] + [pp(g) for g in matrix.gains[i]] for i, (s, l) in enumerate(zip(matrix.sources, matrix.source_labels))]
         self.doc.table(["selected on \\ applied to"] + matrix.targets, rows)
         text = (f"Mean test gain of a sub-task's own selection {pp(nanmean_of(own))} pp; of another sub-task's selection "
-                f"{pp(nanmean_of(others))} pp.")
+                + (f"{pp(nanmean_of(others))} pp." if nanmean_of(others) is not None else "not scored."))
         if matrix.unselected:
             text += f" Kept the full model (no row): {', '.join(matrix.unselected)}."
         if np.isnan(matrix.gains).any():
@@ -296,7 +296,8 @@ class ReportBuilder:
         scatter = probe_vs_test(run)
         if self._all_layers_scored(run) and len(scatter.x) >= 3:
             self.figure(f"{run.key}_probe_vs_test",
-                        "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs.",
+                        "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs "
+                        "(coinciding pairs share a marker, labelled with their number).",
                         figures.agreement_scatter, scatter, "probe gain", "test gain", f"{run.label}\nprobe gain vs test gain")
             self.doc.paragraph(f"Probe vs test gain over {len(scatter.x)} task-layer pairs: Pearson r {num(scatter.pearson)}, "
                                f"Spearman ρ {num(scatter.spearman)}.")
@@ -323,7 +324,8 @@ class ReportBuilder:
                 continue
             self.figure(
                 f"agreement_{a.key}_{b.key}",
-                f"Probe gain of every task-layer pair under {ia} ({a.key}) and {ib} ({b.key}), on the same probe docs.",
+                f"Probe gain of every task-layer pair under {ia} ({a.key}) and {ib} ({b.key}), on the same probe docs "
+                "(coinciding pairs share a marker, labelled with their number).",
                 figures.agreement_scatter, result, f"probe gain, {ia} ({a.key})", f"probe gain, {ib} ({b.key})",
                 f"{a.model_name}: {ia} vs {ib} knockout",
             )

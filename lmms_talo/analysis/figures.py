@@ -140,11 +140,21 @@ def cluster_stability(result: Clustering, stability: Stability, title: str, path
 
 
 def agreement_scatter(agreement: Agreement, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
-    """Figure 4: one point per (sub-task, layer), coloured by layer depth, with Pearson and Spearman r."""
+    """Figure 4: one point per (sub-task, layer), coloured by layer depth, with Pearson and Spearman r.
+    Gains on k probe docs are multiples of 1/k, so pairs often coincide: coinciding pairs are drawn as
+    one marker whose area grows with their number (written on it), coloured by their mean layer."""
     fig = Figure(figsize=(6.4, 5.4))
     ax = fig.subplots()
-    points = ax.scatter(agreement.x, agreement.y, c=agreement.layers, cmap="viridis", s=30, alpha=0.75,
+    # rounded so that float noise (0.1 vs 0.09999999999999998) does not split coinciding pairs
+    where, group, counts = np.unique(np.column_stack([agreement.x, agreement.y]).reshape(-1, 2).round(9), axis=0,
+                                     return_inverse=True, return_counts=True)
+    mean_layer = np.bincount(group.ravel(), weights=agreement.layers, minlength=len(counts)) / np.maximum(counts, 1)
+    area = 30 + 400 * counts / max(counts.max(initial=1), 1)
+    points = ax.scatter(where[:, 0], where[:, 1], c=mean_layer, cmap="viridis", s=area, alpha=0.8,
                         edgecolors="white", linewidths=0.4)
+    for (x, y), count in zip(where, counts):
+        if count > 1:
+            ax.text(x, y, str(count), ha="center", va="center", fontsize=7, color="black")
     both = np.concatenate([agreement.x, agreement.y]) if len(agreement.x) else np.array([0.0])
     low, high = float(both.min()), float(both.max())
     pad = 0.05 * (high - low or 1.0)
@@ -158,7 +168,7 @@ def agreement_scatter(agreement: Agreement, xlabel: str, ylabel: str, title: str
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    fig.colorbar(points, ax=ax, label="decoder layer")
+    fig.colorbar(points, ax=ax, label="decoder layer (mean of coinciding pairs)")
     return _save(fig, path)
 
 
