@@ -137,6 +137,16 @@ class _VisionRecord:
     output: Any
 
 
+# The KV cache argument of the text model and decoder layers: transformers 5.24 renamed
+# `past_key_values` to `cache` (the old name still reaches the top-level model, which passes it on
+# under the new one). Missing it would replay layers without their K/V writes.
+CACHE_KWARGS = ("past_key_values", "cache")
+
+
+def _cache_of(kwargs: dict) -> Any:
+    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
 def _is_cache(value: Any) -> bool:
     from transformers.cache_utils import Cache
 
@@ -330,7 +340,7 @@ class PrefixReplay:
         config = getattr(self.text_model, "config", None)
         if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
             return "attention weights were requested (replayed layers compute none)"
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         if cache is not None and not _is_cache(cache):
             return f"the KV cache is a {type(cache).__name__}, not a transformers Cache"
         return None
@@ -345,7 +355,7 @@ class PrefixReplay:
             if reason:
                 self._note(reason)
                 return original(*args, **kwargs)
-            cache = kwargs.get("past_key_values")
+            cache = _cache_of(kwargs)
             before = None
             if cache is not None and cache.get_seq_length() > 0:
                 if _new_positions(kwargs) < 2:
@@ -354,7 +364,7 @@ class PrefixReplay:
                 if before is None:
                     self._note(f"the entries of a {type(cache).__name__} cannot be compared")
                     return original(**kwargs)
-            key = {name: value for name, value in kwargs.items() if name != "past_key_values"}
+            key = {name: value for name, value in kwargs.items() if name not in CACHE_KWARGS}
             key["__cache__"] = type(cache)
             if phase == RECORD:
                 return self._record(original, key, before, kwargs)
@@ -397,14 +407,14 @@ class PrefixReplay:
             active = self._active
             if isinstance(active, _Replaying) and index < active.start:
                 layer = active.record.layers[index]
-                cache = kwargs.get("past_key_values")
+                cache = _cache_of(kwargs)
                 for write_args, write_kwargs in layer.cache_writes:
                     cache.update(*fresh(write_args), **fresh(write_kwargs))
                 self.stats.layers_replayed += 1
                 return fresh(layer.output)
             self.stats.layers_computed += 1
             if isinstance(active, _Recording):
-                with _capturing_writes(kwargs.get("past_key_values"), active.record) as writes:
+                with _capturing_writes(_cache_of(kwargs), active.record) as writes:
                     output = original(*args, **kwargs)
                 active.record.layers[index] = LayerRecord(fresh(output), writes)
                 return output

@@ -96,11 +96,6 @@ def _by_task(report: dict) -> dict:
     return {group["task"]: group for group in report["subtasks"]}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: in a freshly installed wheel environment lm-eval selected no layer where lmms-eval selected the "
-    "oracle layer 2 (bb_oracle); it passes in the development environment. To be traced.",
-)
 def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path):
     model_dir, folder = oracle_tasks
 

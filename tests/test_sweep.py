@@ -227,6 +227,7 @@ def test_lmms_eval_sweep_outputs_equal_the_naive_sweep(tmp_path, tiny_model_dir,
     assert len(stores["naive"]) == len(LMMS_EVAL_TASKS[arch])  # one probe store per sub-task
     assert stores["replay"] == stores["naive"]
     for group in reports["replay"]:
+        assert group["rounds"][-1]["layer_scores"], "the probe set must leave room for a gain, or no layer is swept"
         assert group["sweep_replay"]["layers_replayed"] > 0 and group["sweep_replay"]["calls_unmatched"] == 0
     if "select" in stores:
         for name, records in stores["select"].items():

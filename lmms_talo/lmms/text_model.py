@@ -18,6 +18,7 @@ turn of the tokenizer's chat template, as lm-eval's `--apply_chat_template` does
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from typing import Sequence
 
@@ -181,12 +182,14 @@ class CausalLM(lmms):
         longest = max(len(c) for c in continuations)
         rest = None
         if longest > 1:
-            cache = out.past_key_values
+            # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (argument and output)
+            cache = out["cache"] if "cache" in out else out.past_key_values
             cache.batch_repeat_interleave(len(continuations))
             pad = self._tokenizer.pad_token_id
             rows = [c[:-1] + [pad] * (longest - len(c)) for c in continuations]
             mask = torch.ones(len(rows), len(context_ids) + longest - 1, dtype=torch.long, device=device)
-            rest = model(torch.tensor(rows, device=device), past_key_values=cache, attention_mask=mask).logits
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            rest = model(torch.tensor(rows, device=device), attention_mask=mask, **{name: cache}).logits
             rest = F.log_softmax(rest.float(), dim=-1)
         results = []
         for row, tokens in enumerate(continuations):
