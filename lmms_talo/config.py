@@ -151,6 +151,11 @@ class TaloConfig:
             values["granularity"] = "category"
         return cls(**values)
 
+    @classmethod
+    def arg_names(cls) -> set[str]:
+        """The model-arg names TaLo takes for itself."""
+        return {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("extra")

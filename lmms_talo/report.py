@@ -70,6 +70,7 @@ class GroupReport:
     selected_layers: list = field(default_factory=list)  # the knockout evaluated: [selected_layer] or more
     layer_stages: list = field(default_factory=list)  # multi-layer search steps (lmms_talo.pairwise)
     test_variants: dict = field(default_factory=dict)  # variant label -> {score, n, doc_scores} (transfer modes)
+    memory: dict = field(default_factory=dict)  # process memory once the sub-task is done (lmms_talo.memory)
 
     @classmethod
     def start(cls, group) -> "GroupReport":

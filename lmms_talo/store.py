@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ log = logging.getLogger("lmms_talo")
 def fingerprint_of(payload: dict) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def task_config_identity(task: Any, talo_args: set[str]) -> str:
+    """The task's config as fingerprint text, minus what varies between runs without changing the
+    docs or prompts: function reprs' memory addresses, and TaLo's own args, which lm-eval copies
+    (with every model arg) into each task's `metadata` (those that matter are fingerprinted apart)."""
+    if not hasattr(task, "dump_config"):
+        return ""
+    config = dict(task.dump_config())
+    if isinstance(config.get("metadata"), dict):
+        config["metadata"] = {k: v for k, v in config["metadata"].items() if k not in talo_args}
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(sorted(config.items())))
 
 
 def default_state_dir() -> Path:

@@ -112,6 +112,7 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
     # lm-eval's own aggregate (pool docs included) comes from the knocked-out model's answers
     assert results["results"]["bb_oracle"]["acc,none"] == 1.0
     assert "talo_hf" in proc.stdout + proc.stderr
+    assert 0 < mc["memory"]["rss_mb"] <= mc["memory"]["peak_rss_mb"] < 64 * 1024  # recorded once the sub-task is done
 
     lmms_report_path = tmp_path / "lmms_eval_report.json"
     run_lmms_eval(
@@ -127,6 +128,26 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
     (lm_samples,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_gen_*.jsonl")
     (lmms_samples,) = (tmp_path / "lmms_out").rglob("*_samples_bb_oracle_gen.jsonl")
     assert _generated(lm_samples) == _generated(lmms_samples)  # the same greedy answers, doc for doc
+
+
+def test_talo_args_copied_into_lm_eval_task_metadata_do_not_change_the_probe_fingerprint(oracle_tasks):
+    """lm-eval copies every model arg into each task's metadata; probe results computed under one
+    report path or compare_base setting must be reused under another, never under another prompt."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from lmms_talo.config import TaloConfig
+    from lmms_talo.store import task_config_identity
+
+    _, folder = oracle_tasks
+
+    def identity(metadata, task="bb_oracle"):
+        manager = TaskManager(include_path=str(folder / "lm_eval"), metadata=metadata)
+        return task_config_identity(get_task_dict([task], manager)[task], TaloConfig.arg_names())
+
+    first = identity({"pretrained": "m", "probe_shots": 3, "report": "a.json", "state_dir": "s1"})
+    assert identity({"pretrained": "m", "probe_shots": 3, "report": "b.json", "compare_base": True}) == first
+    assert identity({"pretrained": "m", "probe_shots": 3, "tokenizer_revision": "v2"}) != first  # not TaLo's: kept
+    assert identity({"pretrained": "m"}, "bb_oracle_gen") != first
 
 
 def test_lm_eval_command_passes_bad_arguments_to_lm_eval_and_fails(tmp_path):

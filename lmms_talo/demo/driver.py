@@ -197,6 +197,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     say(f"[1/3] model and data (cache: {cache})")
     prepared = prepare(cache, tasks, say)
+    say(f"  ready after {time.perf_counter() - started:.0f} s")
     for task in prepared.converted:
         say(f"  {task.name}: {task.docs} docs from BIG-bench {task.source} ({task.style}), chance {task.chance:.3f}")
 
@@ -220,7 +221,9 @@ def main(
         f"up to {rounds} probe draw(s), every decoder layer 1-29 swept on each task. Commands:")
     for command in commands:
         say("  " + " ".join(command))
+    harness_started = time.perf_counter()
     codes = run_harnesses(commands, logs, state_dir, threads, say)
+    say(f"  {harness} finished after {time.perf_counter() - harness_started:.0f} s")
     failed = [(code, log) for code, log, part in zip(codes, logs, parts) if code != 0 or not part.exists()]
     for code, log in failed:
         say(f"{harness} failed (exit code {code}); the end of {log}:")
@@ -239,7 +242,8 @@ def main(
     footer = (
         f"base / TaLo: accuracy on the test docs (the probe pool excluded); chance: a uniformly random option; "
         f"layer: the selected knockout (zeroed self-attention), '-' when no layer gained on the probe set; "
-        f"probe gain: its probe accuracy minus the base model's; seconds: TaLo's sweep + evaluation. "
+        f"probe gain: its probe accuracy minus the base model's; seconds: TaLo's sweep + evaluation; "
+        f"peak MB: the peak resident memory of the harness process that ran the task, once it was done. "
         f"Wall time of this run: {wall:.0f} s."
     )
     (out / "summary.md").write_text(f"# TaLo demo ({harness})\n\n```\n{text}\n```\n\n{footer}\n")

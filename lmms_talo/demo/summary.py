@@ -2,7 +2,8 @@
 
 Per task: the chance level over its test docs, the base model's test accuracy with a 95% Wilson
 interval, the selected layer and its probe gain, TaLo's test accuracy, the difference, and the
-seconds TaLo spent (sweep + evaluation under the selected knockout).
+seconds TaLo spent (sweep + evaluation under the selected knockout), and its process's peak
+resident memory once the task was done.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TaskRow:
     talo: float | None
     difference: float | None
     seconds: float
+    peak_rss_mb: float | None
     reason: str
 
 
@@ -71,6 +73,7 @@ def rows_of(report: dict, chances: dict[str, dict[str, float]]) -> list[TaskRow]
                 talo=talo.get("score"),
                 difference=group.get("test_difference"),
                 seconds=group.get("sweep_seconds", 0.0) + group.get("eval_seconds", 0.0),
+                peak_rss_mb=group.get("memory", {}).get("peak_rss_mb"),
                 reason=group.get("selection_reason", ""),
             )
         )
@@ -83,14 +86,14 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def table(rows: list[TaskRow]) -> str:
     """A fixed-width text table (also valid inside a Markdown code block)."""
-    head = ("task", "scored by", "test n", "chance", "base [95% CI]", "layer", "probe gain", "TaLo", "diff", "seconds")
+    head = ("task", "scored by", "test n", "chance", "base [95% CI]", "layer", "probe gain", "TaLo", "diff", "seconds", "peak MB")
     lines = []
     for r in rows:
         ci = f"{_fmt(r.base)} [{_fmt(r.base_ci[0], '.2f')}, {_fmt(r.base_ci[1], '.2f')}]"
         lines.append((
             r.task, "likelihood" if r.request_type == "loglikelihood" else "generation", str(r.test_n),
             _fmt(r.chance), ci, "-" if r.layer is None else str(r.layer), _fmt(r.probe_gain, "+.3f"),
-            _fmt(r.talo), _fmt(r.difference, "+.3f"), f"{r.seconds:.0f}",
+            _fmt(r.talo), _fmt(r.difference, "+.3f"), f"{r.seconds:.0f}", _fmt(r.peak_rss_mb, ".0f"),
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import re
 import time
 from collections import defaultdict
 from typing import Any, Callable, Sequence
@@ -21,13 +20,14 @@ from loguru import logger as log
 from ..backbone import decoder_layers, unwrap
 from ..config import TaloArgumentError, TaloConfig
 from ..interventions import Knockout, check_layers, knocked_out
+from ..memory import process_memory
 from ..pairwise import search_more_layers
 from ..parallel import SharedRequests, current_ranks
 from ..replay import PrefixReplay
 from ..probe import ProbeSplit, split_subtask
 from ..report import GroupReport, TaloReport, summary_table
 from ..scoring import TaskScorer
-from ..store import ProbeStore, default_state_dir
+from ..store import ProbeStore, default_state_dir, task_config_identity
 from ..subtasks import field_value, resolve_fields, subtask_name
 from ..sweep import LayerSweep
 from ..taskpool import check_task_split
@@ -217,9 +217,7 @@ class TaloMixin:
         fingerprint = {
             "model": self.talo_report.model_identity,
             "task": group.name,
-            # function reprs carry memory addresses ("<function f at 0x7f...>"): drop them, or no run could resume
-            "task_config": re.sub(r" at 0x[0-9a-f]+", "", repr(sorted(group.task.dump_config().items())))
-            if hasattr(group.task, "dump_config") else "",
+            "task_config": task_config_identity(group.task, TaloConfig.arg_names()),
             "intervention": self.talo.intervention,
             "seed": self.talo.seed,
             "shots": self.talo.probe_shots,
@@ -280,6 +278,7 @@ class TaloMixin:
                 a for r, a in zip(group_requests, answers) if r.doc_id in test_docs
             ]
             self._talo_score_test(group, base_requests, base_answers, report, scorer, "base")
+        report.memory = process_memory()
         return answers, report
 
     def _talo_score_test(self, group, group_requests, answers, report, scorer, which: str) -> None:
