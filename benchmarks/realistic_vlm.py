@@ -22,8 +22,9 @@ SMOLLM2_135M = dict(
 IMAGE_SIZE, PATCH = 336, 14
 
 
-def build(out_dir: Path, seed: int = 0) -> Path:
-    """Write the model, processor and generation config to `out_dir` (once)."""
+def build(out_dir: Path, seed: int = 0, num_layers: int = SMOLLM2_135M["num_hidden_layers"]) -> Path:
+    """Write the model, processor and generation config to `out_dir` (once); `num_layers` decoder
+    layers of the realistic width (fewer make long runs affordable)."""
     if (out_dir / "config.json").exists():
         return out_dir
     import torch
@@ -36,7 +37,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     from tiny_models import _build_tokenizer, _suppressed_token_ids
 
     tokenizer = _build_tokenizer("llava")
-    text = LlamaConfig(**SMOLLM2_135M, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    text = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": num_layers}, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=768)

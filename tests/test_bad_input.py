@@ -83,6 +83,13 @@ def test_missing_category_field(llava_cls, tiny_model_dir, tmp_path):
         _evaluate(lm, folder, "talo_nocat")
 
 
+def test_empty_category_value(llava_cls, tiny_model_dir, tmp_path):
+    folder = write_image_task(tmp_path, "talo_blankcat", ["a"] * 12, categories=["x"] * 11 + ["  "])
+    lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,category_field=category,state_dir=none")
+    with pytest.raises(CategoryFieldError, match="a doc has an empty 'category' value; choose another category_field"):
+        _evaluate(lm, folder, "talo_blankcat")
+
+
 def test_category_granularity_without_a_known_field(llava_cls, tiny_model_dir, tmp_path):
     folder = write_image_task(tmp_path, "talo_unknown", ["a"] * 12)
     lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,granularity=category,state_dir=none")

@@ -1,5 +1,5 @@
 """Layer-parallel sweeps: two processes split the layers and reach the same decisions as one, and a
-real two-process lmms-eval run (torchrun, gloo on CPU) gives the same report and results as one."""
+real two-process lmms-eval run (accelerate launch, gloo on CPU) gives the same report and results as one."""
 
 import json
 import os
@@ -73,23 +73,25 @@ def test_two_ranks_decide_like_one_process(tmp_path):
             assert not set(zero["ran"]) & set(first["ran"]), "each layer is run on one rank only"
 
 
-# --- the real thing: lmms-eval under torchrun, two CPU processes ---
+# --- the real thing: lmms-eval under accelerate launch, two CPU processes ---
 
 N_DOCS = 15
 ORACLE_LAYER = 2
 
 
-def _torchrun_lmms_eval(model_args, tasks, include_path, output):
-    """lmms-eval on two CPU processes (torchrun; gloo). `accelerate launch --cpu` starts only one
-    process (its multi-CPU mode needs mpirun), so torchrun is the launcher here."""
+def _launch_lmms_eval(model_args, tasks, include_path, output):
+    """lmms-eval on two CPU processes through `accelerate launch` (gloo). On a machine without GPUs,
+    `--multi_gpu` is accelerate's torchrun launcher (`--cpu --num_processes 2` starts one process:
+    accelerate's multi-CPU mode goes through mpirun)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         "-m", "lmms_eval", "--model", "talo_llava", "--force_simple", "--model_args", model_args,
         "--tasks", tasks, "--include_path", str(include_path), "--output_path", str(output), "--batch_size", "1",
         "--verbosity", "DEBUG", "--log_samples",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=900)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "Running on rank 1" in proc.stderr + proc.stdout
     (results,) = sorted(output.rglob("*_results.json"))
     return json.loads(results.read_text())
@@ -100,7 +102,7 @@ def _text(filtered):
 
 
 # Work counters and timings describe one process's share of the work, not the result.
-PER_PROCESS = {"sweep_seconds", "eval_seconds", "probe_docs_computed", "probe_docs_reused", "sweep_replay"}
+PER_PROCESS = {"sweep_seconds", "eval_seconds", "probe_docs_computed", "probe_docs_reused", "sweep_replay", "memory"}
 
 
 def _comparable(report_path):
@@ -128,7 +130,7 @@ def test_two_processes_give_the_same_report_and_results(tmp_path, tiny_model_dir
     oracle = write_image_task(tmp_path / "oracle", "talo_par", [oracle_answers[i] for i in range(N_DOCS)])
 
     one, one_answers = _in_process(f"{base_args},report={tmp_path / 'one.json'}", "talo_par", oracle)
-    two = _torchrun_lmms_eval(f"{base_args},report={tmp_path / 'two.json'}", "talo_par", oracle, tmp_path / "two")
+    two = _launch_lmms_eval(f"{base_args},report={tmp_path / 'two.json'}", "talo_par", oracle, tmp_path / "two")
 
     assert two["results"]["talo_par"] == one
     assert _comparable(tmp_path / "two.json") == _comparable(tmp_path / "one.json")
