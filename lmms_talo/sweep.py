@@ -159,7 +159,6 @@ class LayerSweep:
         self.mode = check_sweep_mode(mode)
         self.replay = replay
         self.ranks = ranks or Ranks()
-        self.responses: dict[tuple[str, str], list] = {}
         self._known: dict[tuple[str, str], tuple[float, list]] = {}  # computed or merged in this process
 
     # --- one (variant, doc) at a time ---
@@ -169,7 +168,6 @@ class LayerSweep:
 
     def _remember(self, label: str, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
         self._known[(label, str(doc))] = (score, responses)
-        self.responses[(label, str(doc))] = responses
         result.doc_scores.setdefault(label, {})[str(doc)] = score
 
     def _score(self, knockout: Knockout | None, doc: Hashable, result: SweepResult, replaying: bool = False) -> float:

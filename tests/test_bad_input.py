@@ -1,5 +1,7 @@
 """Bad input fails early with an error that names the problem and the fix."""
 
+import re
+
 import pytest
 
 from harness import write_image_task
@@ -30,10 +32,16 @@ def test_layer_specs():
         ({"granularity": "doc"}, "granularity must be one of"),
         ({"layers": ";"}, "names no layer"),
         ({"resample_rounds": "0"}, "resample_rounds must be at least 1"),
+        ({"select_rule": "ttest"}, "select_rule='ttest' is unknown: choose one of gain, sign_test, bootstrap"),
+        ({"select_alpha": "1.5"}, "select_alpha must lie strictly between 0 and 1"),
+        ({"select_resamples": "0"}, "select_resamples must be at least 1"),
+        ({"max_layers": "0"}, "max_layers must be at least 1"),
+        ({"transfer": "true", "compare_base": "false"}, "drop compare_base=false"),
+        ({"test_all_layers": "maybe"}, "bad value for model arg test_all_layers"),
     ],
 )
 def test_bad_model_args(args, message):
-    with pytest.raises((TaloArgumentError, InterventionError), match=message):
+    with pytest.raises((TaloArgumentError, InterventionError), match=re.escape(message)):
         TaloConfig.pop_from(dict(args))
 
 

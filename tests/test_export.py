@@ -13,19 +13,20 @@ from lmms_talo.interventions import Knockout, knocked_out
 from tiny_models import ARCHITECTURES, example_inputs, load_processor, load_tiny
 
 
+@pytest.mark.parametrize("intervention", ["zero", "uniform", "mean"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_exported_checkpoint_equals_hook_knockout(arch, tiny_model_dir, tmp_path):
+def test_exported_checkpoint_equals_hook_knockout(arch, intervention, tiny_model_dir, tmp_path):
     source = tiny_model_dir(arch)
-    out = export(str(source), 2, "mean", str(tmp_path / "out"))
+    out = export(str(source), 2, intervention, str(tmp_path / "out"))
     exported = load_tiny(arch, out)
     original = load_tiny(arch, source)
     inputs = example_inputs(arch, load_processor(arch, out), batch=2)
     with torch.no_grad():
-        with knocked_out(original, Knockout((2,), "mean")):
+        with knocked_out(original, Knockout((2,), intervention)):
             want = original(**inputs).logits
         got = exported(**inputs).logits
     assert torch.equal(got, want)
-    assert exported.config.talo == {"knocked_out_layers": [2], "intervention": "mean", "source": str(source)}
+    assert exported.config.talo == {"knocked_out_layers": [2], "intervention": intervention, "source": str(source)}
 
 
 def test_export_command_from_a_report(tiny_model_dir, tmp_path):

@@ -126,7 +126,7 @@ def test_two_processes_give_the_same_report_and_results(tmp_path, tiny_model_dir
     model_dir = tiny_model_dir("llava")
     base_args = f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=4,state_dir=none,compare_base=true"
     seed = write_image_task(tmp_path / "seed", "talo_par_seed", ["?"] * N_DOCS)
-    _, oracle_answers = _in_process(f"{base_args},force_layer={ORACLE_LAYER}", "talo_par_seed", seed)
+    _, oracle_answers = _in_process(f"{base_args},force_layer={ORACLE_LAYER},report={tmp_path / 'seed.json'}", "talo_par_seed", seed)
     oracle = write_image_task(tmp_path / "oracle", "talo_par", [oracle_answers[i] for i in range(N_DOCS)])
 
     one, one_answers = _in_process(f"{base_args},report={tmp_path / 'one.json'}", "talo_par", oracle)

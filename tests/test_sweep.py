@@ -35,7 +35,7 @@ class ScoreTable:
 
 
 def reference_rounds(table, split, threshold, rounds):
-    """The protocol as DESIGN.md states it: all layers on all probe docs, decide, redraw if nothing helps."""
+    """The protocol as the design card (../shared/DESIGN.md) states it: all layers on all probe docs, decide, redraw if nothing helps."""
     outcomes = []
     for round_index in range(rounds):
         probe = split.probe_set(round_index)

@@ -8,7 +8,6 @@ mixin finds its tasks the same way under both harnesses.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,20 +31,14 @@ def set_output_path(path: str | None) -> None:
     RUN["args"] = RunArgs(path)
 
 
+def _record(task_dict, kwargs) -> None:
+    # lm-eval 0.4.13 passes {"tasks": {name: Task}, "groups": ..., "group_map": ...}; older ones a nested dict
+    nested = isinstance(task_dict, dict) and isinstance(task_dict.get("tasks"), dict)
+    task_capture.remember(task_dict["tasks"] if nested else task_dict, RUN["args"])
+
+
 def install() -> None:
-    """Wrap lm_eval.evaluator.evaluate so that each run records its tasks (idempotent)."""
+    """Remember each lm-eval run's tasks (and the output folder set_output_path was given)."""
     import lm_eval.evaluator as evaluator
 
-    if getattr(evaluator.evaluate, "__talo_wrapped__", False):
-        return
-    original = evaluator.evaluate
-
-    @functools.wraps(original)
-    def evaluate(lm, task_dict, *args, **kwargs):
-        # lm-eval 0.4.13 passes {"tasks": {name: Task}, "groups": ..., "group_map": ...}; older ones a nested dict
-        tasks = task_dict["tasks"] if isinstance(task_dict, dict) and isinstance(task_dict.get("tasks"), dict) else task_dict
-        task_capture.remember(tasks, RUN["args"])
-        return original(lm, task_dict, *args, **kwargs)
-
-    evaluate.__talo_wrapped__ = True
-    evaluator.evaluate = evaluate
+    task_capture.wrap_evaluate(evaluator, _record)

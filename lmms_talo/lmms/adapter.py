@@ -101,7 +101,6 @@ class TaloMixin:
         task_capture.install()
         keep_loglikelihood_outputs()
         num_layers = len(decoder_layers(self._talo_model()))
-        self.talo_num_layers = num_layers
         layers = self.talo.layers if self.talo.layers is not None else tuple(range(1, num_layers))
         if not layers:
             raise TaloArgumentError(f"the model has {num_layers} decoder layer(s): no candidate layer is left")
@@ -175,9 +174,7 @@ class TaloMixin:
         for (task_name, category), group in groups.items():
             category_field, stratify_field = fields_by_task[task_name]
             docs = group.task.eval_docs
-            for instance in shared.instances(task_name, group.task):
-                if instance.request_type != reqtype:
-                    continue
+            for instance in shared.instances(task_name, group.task):  # of this request type only
                 if category_field and field_value(docs[instance.doc_id], category_field, task_name) != category:
                     continue
                 group.doc_requests[instance.doc_id].append(instance)
@@ -247,12 +244,12 @@ class TaloMixin:
 
     def _talo_answer_group(self, group: TaloGroup, group_requests: list, base_method: Callable) -> list:
         scorer = TaskScorer(group.task, group.task_name)
-        sweep = self._talo_sweep(group, base_method, scorer)
         report = GroupReport.start(group)
         if self.talo.force_layer is not None:
             knockout = Knockout((self.talo.force_layer,), self.talo.intervention)
             report.mark_forced(self.talo.force_layer)
         else:
+            sweep = self._talo_sweep(group, base_method, scorer)
             result = sweep.run(
                 group.split, self.talo_candidate_layers, self.talo.intervention,
                 self.talo.threshold, self.talo.resample_rounds,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -38,21 +38,27 @@ def remember(task_dict: dict, cli_args: Any = None) -> None:
     CAPTURED.cli_args = cli_args
 
 
-def install() -> None:
-    """Wrap lmms_eval.evaluator.evaluate so that each run records its task dict (idempotent)."""
-    import lmms_eval.evaluator as evaluator
-
+def wrap_evaluate(evaluator: Any, record: Callable[[Any, dict], None]) -> None:
+    """Wrap `evaluator.evaluate` (an lmms-eval or lm-eval evaluator module) so that every run first
+    calls `record(task_dict, kwargs)`; idempotent."""
     if getattr(evaluator.evaluate, "__talo_wrapped__", False):
         return
     original = evaluator.evaluate
 
     @functools.wraps(original)
     def evaluate(lm, task_dict, *args, **kwargs):
-        remember(task_dict, kwargs.get("cli_args"))
+        record(task_dict, kwargs)
         return original(lm, task_dict, *args, **kwargs)
 
     evaluate.__talo_wrapped__ = True
     evaluator.evaluate = evaluate
+
+
+def install() -> None:
+    """Remember each lmms-eval run's task dict and CLI args."""
+    import lmms_eval.evaluator as evaluator
+
+    wrap_evaluate(evaluator, lambda task_dict, kwargs: remember(task_dict, kwargs.get("cli_args")))
 
 
 def task(name: str) -> Any:
