@@ -1,8 +1,8 @@
 """Bake a knockout into a standard Hugging Face checkpoint, for serving engines (vLLM, SGLang, ...).
 
 The checkpoint is the weight-level definition of the intervention (`edit_weights_in_place`), whose
-logits the tests prove identical to the hook TaLo sweeps with. Only the weight-defined
-interventions can be exported: zero, uniform, mean.
+logits the tests prove identical to the hook TaLo sweeps with. Only the interventions with a
+weight fill in the registry (`Intervention.exportable`: zero, uniform, mean) can be exported.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .interventions import PAPER_INTERVENTIONS, InterventionError, edit_weights_in_place
+from . import interventions
+from .interventions import InterventionError, edit_weights_in_place
 
 # Files of a checkpoint folder that describe preprocessing, copied unchanged.
 _PREPROCESSING_FILES = (
@@ -52,10 +53,10 @@ def selection_from_report(report_path: str, task: str) -> tuple[int, str]:
 
 @torch.no_grad()
 def export(pretrained: str, layer: int, intervention: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
-    if intervention not in PAPER_INTERVENTIONS:
+    if not interventions.intervention(intervention).exportable:
         raise InterventionError(
             f"cannot export {intervention!r}: only the weight-defined interventions "
-            f"({', '.join(PAPER_INTERVENTIONS)}) have a checkpoint form"
+            f"({', '.join(interventions.names(exportable=True))}) have a checkpoint form"
         )
     model = load_for_export(pretrained, dtype, trust_remote_code)
     edit_weights_in_place(model, layer, intervention)

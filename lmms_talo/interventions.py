@@ -15,7 +15,9 @@ weight edit (`edit_weights_in_place`).
 Extensions beyond the paper: skip (the whole decoder layer is the identity, K/V still written)
 and mlp_zero (the layer's MLP adds 0).
 
-Hooks are removed in `finally`, exceptions included.
+Each intervention is one `Intervention` subclass with one `@register` line: its hooks, and its
+weight fill where it has one (which makes it exportable). Config validation, `lmms-talo export` and
+the README's table read the registry. Hooks are removed in `finally`, exceptions included.
 """
 
 from __future__ import annotations
@@ -30,13 +32,57 @@ from torch import nn
 
 from .backbone import DecoderLayerSite, decoder_layers
 
-PAPER_INTERVENTIONS = ("zero", "uniform", "mean")
-EXTENSION_INTERVENTIONS = ("skip", "mlp_zero")
-INTERVENTIONS = PAPER_INTERVENTIONS + EXTENSION_INTERVENTIONS
-
-
 class InterventionError(ValueError):
     """Bad intervention name or layer index."""
+
+
+class Intervention:
+    """One way to knock out a decoder layer. A subclass gives its `name`, whether it is one of the
+    paper's (`paper`), the forward hooks that apply it (`hooks`), and, where the intervention has a
+    weight-level definition, the constant each attention projection tensor is filled with (`fill`):
+    that definition is what the hooks are proven equal to and what `lmms-talo export` bakes in."""
+
+    name: str = ""
+    paper: bool = False
+    summary: str = ""
+
+    def hooks(self, site: DecoderLayerSite) -> list[torch.utils.hooks.RemovableHandle]:
+        raise NotImplementedError
+
+    def fill(self, param: torch.Tensor, out_features: int) -> float | None:
+        """The constant a projection tensor is filled with; None: no weight-level definition."""
+        return None
+
+    @property
+    def exportable(self) -> bool:
+        return type(self).fill is not Intervention.fill
+
+
+INTERVENTIONS: dict[str, Intervention] = {}
+
+
+def register(cls: type[Intervention]) -> type[Intervention]:
+    """Class decorator: make an intervention available by its name (model arg, export, checks)."""
+    INTERVENTIONS[cls.name] = cls()
+    return cls
+
+
+def names(paper: bool | None = None, exportable: bool | None = None) -> tuple[str, ...]:
+    """Registered names, optionally only the paper's (or the extensions) / only the exportable."""
+    return tuple(
+        n for n, i in INTERVENTIONS.items()
+        if (paper is None or i.paper == paper) and (exportable is None or i.exportable == exportable)
+    )
+
+
+def intervention(name: str) -> Intervention:
+    if name not in INTERVENTIONS:
+        extensions = names(paper=False)
+        raise InterventionError(
+            f"unknown intervention {name!r}: choose one of {', '.join(names(paper=True))} (the paper's)"
+            + (f" or {', '.join(extensions)} (extensions)" if extensions else "")
+        )
+    return INTERVENTIONS[name]
 
 
 @dataclass(frozen=True)
@@ -55,11 +101,7 @@ class Knockout:
 
 
 def check_intervention(name: str) -> str:
-    if name not in INTERVENTIONS:
-        raise InterventionError(
-            f"unknown intervention {name!r}: choose one of {', '.join(PAPER_INTERVENTIONS)} "
-            f"(the paper's) or {', '.join(EXTENSION_INTERVENTIONS)} (extensions)"
-        )
+    intervention(name)
     return name
 
 
@@ -78,16 +120,6 @@ def check_layers(layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
 # --- tensor fills (shared by the hooks and by the reference weight edit) ---
 
 
-def _fill_value(param: torch.Tensor, out_features: int, intervention: str) -> float:
-    if intervention == "zero":
-        return 0.0
-    if intervention == "uniform":
-        return 1.0 / out_features
-    if intervention == "mean":
-        return param.detach().double().mean().item()
-    raise InterventionError(f"{intervention!r} has no weight-level definition")
-
-
 def _readable(module: nn.Module):
     """The module with its real weights in place, also when accelerate offloads them."""
     from accelerate.utils import align_module_device
@@ -95,14 +127,17 @@ def _readable(module: nn.Module):
     return align_module_device(module)
 
 
-def filled_projection_tensors(proj: nn.Module, intervention: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of one projection as the weight-level definition of `intervention` fills them."""
+def filled_projection_tensors(proj: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of one projection as the weight-level definition of intervention `name` fills them."""
+    chosen = intervention(name)
+    if not chosen.exportable:
+        raise InterventionError(f"{name!r} has no weight-level definition")
     out_features = getattr(proj, "out_features", None) or proj.weight.shape[0]
     with _readable(proj):
-        weight = torch.full_like(proj.weight, _fill_value(proj.weight, out_features, intervention), device=_device_of(proj))
+        weight = torch.full_like(proj.weight, chosen.fill(proj.weight, out_features), device=_device_of(proj))
         bias = proj.bias
         if bias is not None:
-            bias = torch.full_like(bias, _fill_value(bias, out_features, intervention), device=_device_of(proj))
+            bias = torch.full_like(bias, chosen.fill(bias, out_features), device=_device_of(proj))
     return weight, bias
 
 
@@ -146,22 +181,62 @@ def _hooked(register: Callable[[], Iterable[torch.utils.hooks.RemovableHandle]])
             handle.remove()
 
 
-def _apply_one(site: DecoderLayerSite, intervention: str) -> contextlib.AbstractContextManager:
-    if intervention == "zero":
-        return _hooked(lambda: [site.attention.register_forward_hook(_zero_output)])
-    if intervention in ("uniform", "mean"):
-        return _hooked(lambda: [
-            proj.register_forward_hook(_linear_with(*filled_projection_tensors(proj, intervention)))
-            for proj in site.projections
-        ])
-    if intervention == "skip":
-        return _hooked(lambda: [site.layer.register_forward_hook(_identity_output, with_kwargs=True)])
-    if intervention == "mlp_zero":
+# --- the registry: one class per intervention ---
+
+
+@register
+class Zero(Intervention):
+    """The attention output is 0 (K/V still written), which the zero-filled weights give exactly."""
+
+    name, paper, summary = "zero", True, "q/k/v/o weights and biases set to 0: the attention sub-layer adds 0"
+
+    def hooks(self, site):
+        return [site.attention.register_forward_hook(_zero_output)]
+
+    def fill(self, param, out_features):
+        return 0.0
+
+
+class ProjectionFill(Intervention):
+    """Each projection computes with its filled tensors: `F.linear(x, W_filled, b_filled)`."""
+
+    def hooks(self, site):
+        return [proj.register_forward_hook(_linear_with(*filled_projection_tensors(proj, self.name))) for proj in site.projections]
+
+
+@register
+class Uniform(ProjectionFill):
+    name, paper, summary = "uniform", True, "each q/k/v/o tensor filled with 1/out_features (the authors' uniform scaling)"
+
+    def fill(self, param, out_features):
+        return 1.0 / out_features
+
+
+@register
+class Mean(ProjectionFill):
+    name, paper, summary = "mean", True, "each q/k/v/o tensor filled with its own scalar mean (mean substitution)"
+
+    def fill(self, param, out_features):
+        return param.detach().double().mean().item()
+
+
+@register
+class Skip(Intervention):
+    name, summary = "skip", "the whole decoder layer is the identity (K/V still written)"
+
+    def hooks(self, site):
+        return [site.layer.register_forward_hook(_identity_output, with_kwargs=True)]
+
+
+@register
+class MlpZero(Intervention):
+    name, summary = "mlp_zero", "the layer's MLP adds 0 (attention untouched)"
+
+    def hooks(self, site):
         mlp = getattr(site.layer, "mlp", None) or getattr(site.layer, "feed_forward", None)
         if mlp is None:
             raise InterventionError(f"layer {site.index} has no mlp/feed_forward module for mlp_zero")
-        return _hooked(lambda: [mlp.register_forward_hook(_zero_output)])
-    raise InterventionError(f"unknown intervention {intervention!r}")
+        return [mlp.register_forward_hook(_zero_output)]
 
 
 @contextlib.contextmanager
@@ -172,9 +247,10 @@ def knocked_out(model: nn.Module, knockout: Knockout | None) -> Iterator[None]:
         return
     sites = decoder_layers(model)
     check_layers(knockout.layers, len(sites))
+    chosen = intervention(knockout.intervention)
     with contextlib.ExitStack() as stack:
         for layer in knockout.layers:
-            stack.enter_context(_apply_one(sites[layer], knockout.intervention))
+            stack.enter_context(_hooked(lambda site=sites[layer]: chosen.hooks(site)))
         yield
 
 

@@ -1,0 +1,64 @@
+"""A new intervention is one class plus one registry line: config, hooks, export and the README follow."""
+
+import pathlib
+
+import pytest
+import torch
+
+from lmms_talo import interventions
+from lmms_talo.config import TaloConfig
+from lmms_talo.export import export
+from lmms_talo.interventions import Intervention, InterventionError, Knockout, knocked_out
+from tiny_models import example_inputs, load_processor, load_tiny
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _halve(module, args, output):
+    return (output[0] * 0.5,) + tuple(output[1:]) if isinstance(output, tuple) else output * 0.5
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+    """A toy intervention (attention output halved), registered for this test only."""
+    monkeypatch.setattr(interventions, "INTERVENTIONS", dict(interventions.INTERVENTIONS))
+
+    @interventions.register
+    class Halve(Intervention):
+        name, summary = "halve", "the attention output is halved"
+
+        def hooks(self, site):
+            return [site.attention.register_forward_hook(_halve)]
+
+    return Halve
+
+
+def test_a_registered_intervention_is_accepted_applied_and_removed(toy_registered, tiny_model_dir):
+    assert TaloConfig(intervention="halve").intervention == "halve"
+    assert "halve" in interventions.names(paper=False) and "halve" not in interventions.names(exportable=True)
+    path = tiny_model_dir("llama")
+    model = load_tiny("llama", path)
+    inputs = example_inputs("llama", load_processor("llama", path))
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with knocked_out(model, Knockout((1,), "halve")):
+            halved = model(**inputs).logits
+        after = model(**inputs).logits
+    assert not torch.equal(before, halved)
+    assert torch.equal(before, after)
+
+
+def test_an_intervention_without_a_weight_fill_cannot_be_exported(toy_registered, tmp_path):
+    with pytest.raises(InterventionError, match="cannot export 'halve'.*zero, uniform, mean"):
+        export(str(tmp_path), 1, "halve", str(tmp_path / "out"))
+
+
+def test_an_unregistered_intervention_is_refused_with_the_registered_names():
+    with pytest.raises(InterventionError, match="unknown intervention 'halve'.*zero, uniform, mean.*skip, mlp_zero"):
+        TaloConfig.pop_from({"intervention": "halve"})
+
+
+def test_the_readme_lists_every_registered_intervention():
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `intervention`"))
+    for name in interventions.names():
+        assert f"`{name}`" in row, f"README's intervention row misses {name}"
