@@ -17,7 +17,7 @@ A rule decides the round that the probe sweep ended on: the sweep redraws the pr
 does until some layer's gain clears the threshold, and the guarded rule then accepts or rejects that
 round's best layers. It never asks for more redraws, which would repeat the test until it passes.
 Every statistic is a pure function of the per-doc scores and the seed, so the report's per-doc
-records reproduce each rule's decision offline.
+records reproduce each rule's decision offline. Each rule is one class in the `RULES` registry.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ import math
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from .select import RoundOutcome, decide_round
-
-RULES = ("gain", "sign_test", "bootstrap")
-
 
 class RuleError(ValueError):
     """A selection rule was configured with a bad value."""
@@ -66,15 +64,17 @@ def bootstrap_lower_bounds(differences: np.ndarray, indices: np.ndarray, alpha: 
 
 @dataclass(frozen=True)
 class SelectionRule:
-    name: str = "gain"
+    """The paper's rule (`gain`): the best layer, if its mean probe gain clears the threshold. A
+    guarded rule is a subclass that also computes a per-layer statistic (`evidence`) and asks that it
+    pass its test (`passes`); adding one is a subclass and a `@register` line."""
+
+    name: ClassVar[str] = "gain"
     threshold: float = 0.0
     alpha: float = 0.05
     resamples: int = 1000
     seed: int = 0
 
     def __post_init__(self):
-        if self.name not in RULES:
-            raise RuleError(f"select_rule={self.name!r} is unknown: choose one of {', '.join(RULES)}")
         if not 0.0 < self.alpha < 1.0:
             raise RuleError(f"select_alpha must lie strictly between 0 and 1, got {self.alpha}")
         if self.resamples < 1:
@@ -82,7 +82,7 @@ class SelectionRule:
 
     @property
     def guarded(self) -> bool:
-        return self.name != "gain"
+        return type(self).evidence is not SelectionRule.evidence
 
     def evidence(
         self,
@@ -91,23 +91,14 @@ class SelectionRule:
         layer_doc_scores: Mapping[int, Mapping[Hashable, float]],
         stream: str,
     ) -> dict[int, float]:
-        """Per layer: the sign test's p-value, or the bootstrap lower bound of the gain."""
-        ref = np.array([reference[d] for d in probe_docs], dtype=float)
-        if self.name == "sign_test":
-            return {l: sign_test_p(ref, [s[d] for d in probe_docs]) for l, s in layer_doc_scores.items()}
-        if self.name == "bootstrap":
-            differences = np.array([[s[d] for d in probe_docs] for s in layer_doc_scores.values()], dtype=float) - ref
-            bounds = bootstrap_lower_bounds(differences, bootstrap_indices(len(ref), self.resamples, self.seed, stream), self.alpha)
-            return {layer: float(bound) for layer, bound in zip(layer_doc_scores, bounds)}
+        """Per layer: the guarded rule's statistic (none for the gain rule)."""
         return {}
 
     def passes(self, statistic: float) -> bool:
-        return statistic < self.alpha if self.name == "sign_test" else statistic > self.threshold
+        return True
 
     def describe(self, statistic: float) -> str:
-        if self.name == "sign_test":
-            return f"sign test p={statistic:.3g} (alpha {self.alpha:g})"
-        return f"bootstrap {1 - self.alpha:.0%} lower bound {statistic:+.3f} (threshold {self.threshold:g})"
+        return ""
 
     def decide(
         self,
@@ -146,3 +137,58 @@ class SelectionRule:
         layers = {l: result.doc_scores[str(l)] for l in final.layer_scores}
         decided = self.decide(docs, result.doc_scores["base"], layers, stream)
         result.rounds[-1] = dataclasses.replace(decided, probe_docs=final.probe_docs)
+
+
+RULES: dict[str, type[SelectionRule]] = {}
+
+
+def register(cls: type[SelectionRule]) -> type[SelectionRule]:
+    """Class decorator: make a selection rule available as `select_rule=<cls.name>`."""
+    RULES[cls.name] = cls
+    return cls
+
+
+def make_rule(name: str = "gain", **parameters) -> SelectionRule:
+    """The rule registered as `name`, with threshold / alpha / resamples / seed."""
+    if name not in RULES:
+        raise RuleError(f"select_rule={name!r} is unknown: choose one of {', '.join(RULES)}")
+    return RULES[name](**parameters)
+
+
+register(SelectionRule)
+
+
+@register
+class SignTest(SelectionRule):
+    """Exact one-sided sign test on the discordant probe docs: p < alpha."""
+
+    name: ClassVar[str] = "sign_test"
+
+    def evidence(self, probe_docs, reference, layer_doc_scores, stream):
+        ref = [reference[d] for d in probe_docs]
+        return {l: sign_test_p(ref, [s[d] for d in probe_docs]) for l, s in layer_doc_scores.items()}
+
+    def passes(self, statistic):
+        return statistic < self.alpha
+
+    def describe(self, statistic):
+        return f"sign test p={statistic:.3g} (alpha {self.alpha:g})"
+
+
+@register
+class Bootstrap(SelectionRule):
+    """Paired bootstrap over the probe docs: the one-sided 1 - alpha lower bound of the gain clears the threshold."""
+
+    name: ClassVar[str] = "bootstrap"
+
+    def evidence(self, probe_docs, reference, layer_doc_scores, stream):
+        ref = np.array([reference[d] for d in probe_docs], dtype=float)
+        differences = np.array([[s[d] for d in probe_docs] for s in layer_doc_scores.values()], dtype=float) - ref
+        bounds = bootstrap_lower_bounds(differences, bootstrap_indices(len(ref), self.resamples, self.seed, stream), self.alpha)
+        return {layer: float(bound) for layer, bound in zip(layer_doc_scores, bounds)}
+
+    def passes(self, statistic):
+        return statistic > self.threshold
+
+    def describe(self, statistic):
+        return f"bootstrap {1 - self.alpha:.0%} lower bound {statistic:+.3f} (threshold {self.threshold:g})"

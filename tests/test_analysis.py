@@ -44,10 +44,10 @@ def subtask_report(task: str, name: str, base: dict, layers: dict, test_scores: 
                    pool: list | None = None) -> GroupReport:
     """A GroupReport filled through the adapter's own recording path (swept/scored/scored_variant).
     `test_scores`: variant label ('base', '3') -> {doc: score} on test docs."""
-    from lmms_talo.rules import SelectionRule
+    from lmms_talo.rules import make_rule
 
     docs = list(base)
-    outcome = SelectionRule("gain").decide(docs, base, layers, stream=name)
+    outcome = make_rule("gain").decide(docs, base, layers, stream=name)
     result = SweepResult(tuple(layers), [outcome], {"base": dict(base), **{str(l): dict(s) for l, s in layers.items()}},
                          pruned=[{}])
     report = GroupReport(task=task, subtask=name, category=name.split("/")[-1], request_type="generate_until",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lmms_talo.pairwise import search_more_layers
 from lmms_talo.probe import split_subtask
-from lmms_talo.rules import SelectionRule
+from lmms_talo.rules import make_rule
 from lmms_talo.store import ProbeStore
 from lmms_talo.sweep import LayerSweep
 
@@ -43,7 +43,7 @@ def test_the_pair_is_kept_when_it_beats_the_single_layer():
     result = sweep.run(split, LAYERS, "zero", 0.0, 1)
     assert result.selected == 2
     before = len(calls)
-    layers, stages = search_more_layers(sweep, result, SelectionRule("gain"), "zero", 2, "t")
+    layers, stages = search_more_layers(sweep, result, make_rule("gain"), "zero", 2, "t")
     assert layers == (2, 3)
     (stage,) = stages
     assert stage.base_layers == (2,)
@@ -61,7 +61,7 @@ def test_the_single_layer_stays_when_no_pair_beats_it_by_the_threshold():
     sweep, split, _ = table_sweep({"base": BASE, "2": BASE | {4, 5}, "2+3": BASE | {4, 5, 6}})
     result = sweep.run(split, LAYERS, "zero", 0.15, 1)
     assert result.selected == 2  # +0.2 clears 0.15
-    layers, (stage,) = search_more_layers(sweep, result, SelectionRule("gain", threshold=0.15), "zero", 2, "t")
+    layers, (stage,) = search_more_layers(sweep, result, make_rule("gain", threshold=0.15), "zero", 2, "t")
     assert layers == (2,)  # the pair adds only +0.1
     assert stage.outcome.selected is None and stage.outcome.gains[3] > 0
 
@@ -69,7 +69,7 @@ def test_the_single_layer_stays_when_no_pair_beats_it_by_the_threshold():
 def test_a_guarded_rule_guards_the_pair_too():
     sweep, split, _ = table_sweep({"base": BASE, "2": BASE | {4, 5, 6, 7, 8, 9}, "2+3": {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}})
     result = sweep.run(split, LAYERS, "zero", 0.0, 1)
-    rule = SelectionRule("sign_test")
+    rule = make_rule("sign_test")
     rule.apply(result, "t")
     assert result.selected == 2  # 6 of 6 discordant docs: p = 1/64
     layers, (stage,) = search_more_layers(sweep, result, rule, "zero", 2, "t")
@@ -80,7 +80,7 @@ def test_a_guarded_rule_guards_the_pair_too():
 def test_greedy_search_grows_to_max_layers_and_no_search_without_a_selection():
     sweep, split, _ = table_sweep({"base": BASE, "2": BASE | {4}, "2+3": BASE | {4, 5}, "2+3+4": BASE | {4, 5, 6}})
     result = sweep.run(split, LAYERS, "zero", 0.0, 1)
-    layers, stages = search_more_layers(sweep, result, SelectionRule("gain"), "zero", 3, "t")
+    layers, stages = search_more_layers(sweep, result, make_rule("gain"), "zero", 3, "t")
     assert layers == (2, 3, 4)
     assert [s.base_layers for s in stages] == [(2,), (2, 3)]
     assert [s.passes for s in stages] == [3, 2]
@@ -89,5 +89,5 @@ def test_greedy_search_grows_to_max_layers_and_no_search_without_a_selection():
     sweep, split, calls = table_sweep({"base": BASE})
     result = sweep.run(split, LAYERS, "zero", 0.0, 1)
     before = len(calls)
-    assert search_more_layers(sweep, result, SelectionRule("gain"), "zero", 2, "t") == ((), [])
+    assert search_more_layers(sweep, result, make_rule("gain"), "zero", 2, "t") == ((), [])
     assert len(calls) == before

@@ -62,3 +62,32 @@ def test_the_readme_lists_every_registered_intervention():
     row = next(line for line in README.read_text().splitlines() if line.startswith("| `intervention`"))
     for name in interventions.names():
         assert f"`{name}`" in row, f"README's intervention row misses {name}"
+
+
+def test_a_registered_rule_is_accepted_and_decides(monkeypatch):
+    """A toy guarded rule: a layer must win on at least two more probe docs than it loses."""
+    from lmms_talo import rules
+
+    monkeypatch.setattr(rules, "RULES", dict(rules.RULES))
+
+    @rules.register
+    class NetWins(rules.SelectionRule):
+        name = "net_wins"
+
+        def evidence(self, probe_docs, reference, layer_doc_scores, stream):
+            return {l: sum((s[d] > reference[d]) - (s[d] < reference[d]) for d in probe_docs) for l, s in layer_doc_scores.items()}
+
+        def passes(self, statistic):
+            return statistic >= 2
+
+        def describe(self, statistic):
+            return f"net wins {statistic}"
+
+    assert TaloConfig(select_rule="net_wins").selection_rule().name == "net_wins"
+    docs = ["a", "b", "c", "d"]
+    base = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 1.0}
+    layers = {1: {"a": 1.0, "b": 0.0, "c": 0.0, "d": 1.0}, 2: {"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0}}
+    assert rules.make_rule("gain").decide(docs, base, {1: layers[1]}).selected == 1
+    outcome = rules.make_rule("net_wins").decide(docs, base, layers)
+    assert outcome.selected == 2 and "net wins 2" in outcome.reason
+    assert rules.make_rule("net_wins").decide(docs, base, {1: layers[1]}).selected is None

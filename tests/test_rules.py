@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmms_talo.config import TaloConfig
-from lmms_talo.rules import SelectionRule, bootstrap_indices, sign_test_p
+from lmms_talo.rules import bootstrap_indices, make_rule, sign_test_p
 from lmms_talo.select import decide_round
 from lmms_talo.sweep import SweepResult
 
@@ -38,24 +38,24 @@ def test_sign_test_p_values_are_exact_binomial_tails():
 
 
 def test_gain_rule_is_the_papers_rule():
-    rule = SelectionRule("gain")
+    rule = make_rule("gain")
     assert rule.decide(DOCS, BASE, LAYERS) == decide_round(DOCS, BASE, LAYERS, 0.0)
     assert rule.decide(DOCS, BASE, LAYERS).selected == 2
 
 
 def test_sign_test_prefers_the_layer_whose_gain_is_not_chance():
-    outcome = SelectionRule("sign_test", alpha=0.05).decide(DOCS, BASE, LAYERS, stream="t")
+    outcome = make_rule("sign_test", alpha=0.05).decide(DOCS, BASE, LAYERS, stream="t")
     assert outcome.selected == 3  # 5 of 5 discordant docs: p = 1/32; layer 2's 9 of 12 gives p = 0.073
     assert outcome.evidence == {1: 0.75, 2: 299 / 4096, 3: 1 / 32}
     assert outcome.gains[2] > outcome.gains[3]
     assert "sign_test: layer 3" in outcome.reason and "p=0.0312" in outcome.reason
     # Stricter alpha: nothing passes, the full model is kept and the reason says why.
-    strict = SelectionRule("sign_test", alpha=0.01).decide(DOCS, BASE, LAYERS, stream="t")
+    strict = make_rule("sign_test", alpha=0.01).decide(DOCS, BASE, LAYERS, stream="t")
     assert strict.selected is None and "no layer's gain" in strict.reason
 
 
 def test_bootstrap_rule_accepts_gains_whose_lower_bound_clears_the_threshold():
-    rule = SelectionRule("bootstrap", alpha=0.05, resamples=2000, seed=3)
+    rule = make_rule("bootstrap", alpha=0.05, resamples=2000, seed=3)
     outcome = rule.decide(DOCS, BASE, LAYERS, stream="t")
     # Layer 3's five unopposed docs give a tighter bound than layer 2's noisier, larger gain.
     assert outcome.evidence[1] < 0 < outcome.evidence[2] < outcome.evidence[3] < outcome.gains[3]
@@ -66,14 +66,14 @@ def test_bootstrap_rule_accepts_gains_whose_lower_bound_clears_the_threshold():
     assert (bootstrap_indices(20, 50, 3, "t") != bootstrap_indices(20, 50, 3, "other")).any()
     # A threshold between the two bounds leaves only layer 3.
     between = (outcome.evidence[2] + outcome.evidence[3]) / 2
-    assert SelectionRule("bootstrap", threshold=between, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t").selected == 3
+    assert make_rule("bootstrap", threshold=between, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t").selected == 3
     above = outcome.evidence[3] + 0.01
-    assert SelectionRule("bootstrap", threshold=above, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t").selected is None
+    assert make_rule("bootstrap", threshold=above, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t").selected is None
 
 
 def test_guarded_rules_break_ties_to_the_lowest_layer():
     tied = {4: LAYER_B, 2: dict(LAYER_B)}
-    outcome = SelectionRule("sign_test").decide(DOCS, BASE, tied)
+    outcome = make_rule("sign_test").decide(DOCS, BASE, tied)
     assert outcome.selected == 2 and outcome.tied_layers == (2, 4) and "tied with layers 4" in outcome.reason
 
 
@@ -82,7 +82,7 @@ def test_apply_redecides_the_sweeps_final_round():
     round_ = decide_round([str(d) for d in docs], BASE, LAYERS, 0.0)
     result = SweepResult((1, 2, 3), [round_], {"base": BASE, **{str(l): s for l, s in LAYERS.items()}})
     result.rounds[-1] = type(round_)(tuple(docs), round_.baseline, round_.layer_scores, round_.gains, 2, round_.reason)
-    SelectionRule("sign_test").apply(result, "t")
+    make_rule("sign_test").apply(result, "t")
     assert result.selected == 3 and result.final.probe_docs == tuple(docs)
 
 

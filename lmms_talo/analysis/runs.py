@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rules import SelectionRule
+from ..rules import SelectionRule, make_rule
 from ..select import RoundOutcome
 
 REPORT_NAME = "talo_report.json"
@@ -97,7 +97,7 @@ class Subtask:
 
     def gains(self) -> dict[int, float]:
         """The interaction vector, recomputed from the per-doc probe records."""
-        return self.decide(SelectionRule("gain")).gains
+        return self.decide(make_rule("gain")).gains
 
     def differences(self) -> np.ndarray:
         """layers x probe docs: knocked-out score minus base score, per doc."""
@@ -146,9 +146,9 @@ class Run:
     def rule(self, name: str | None = None) -> SelectionRule:
         """The run's selection rule (or the rule `name` with the run's parameters)."""
         c = self.config
-        return SelectionRule(
-            name or c.get("select_rule", "gain"), c.get("threshold", 0.0), c.get("select_alpha", 0.05),
-            c.get("select_resamples", 1000), c.get("seed", 0),
+        return make_rule(
+            name or c.get("select_rule", "gain"), threshold=c.get("threshold", 0.0), alpha=c.get("select_alpha", 0.05),
+            resamples=c.get("select_resamples", 1000), seed=c.get("seed", 0),
         )
 
     def split_identity(self) -> tuple:
