@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .interventions import check_intervention
-from .rules import RuleError, SelectionRule
+from .rules import RuleError, SelectionRule, make_rule
 from .sweep import SweepModeError, check_sweep_mode
 
 
@@ -105,7 +105,9 @@ class TaloConfig:
             )
 
     def selection_rule(self) -> SelectionRule:
-        return SelectionRule(self.select_rule, self.threshold, self.select_alpha, self.select_resamples, self.seed)
+        return make_rule(
+            self.select_rule, threshold=self.threshold, alpha=self.select_alpha, resamples=self.select_resamples, seed=self.seed
+        )
 
     @classmethod
     def pop_from(cls, kwargs: dict) -> "TaloConfig":
