@@ -47,6 +47,41 @@ def sign_test_p(reference: Sequence[float], knocked: Sequence[float]) -> float:
     return sum(math.comb(discordant, j) for j in range(better, discordant + 1)) / 2**discordant
 
 
+EXACT_FLIP_LIMIT = 16  # up to 2^16 sign patterns are enumerated; beyond, a seeded Monte Carlo
+FLIP_SAMPLES = 20_000
+
+
+def paired_flip_p(reference: Sequence[float], knocked: Sequence[float], seed: int = 0, stream: str = "") -> float:
+    """One-sided p-value that the knockout's mean paired difference is > 0, by sign flips of the
+    per-doc differences (a paired permutation test). On pass/fail scores it is exactly the sign test;
+    on a continuous statistic (the likelihood margin) it uses the sizes of the differences too.
+    Exact for up to EXACT_FLIP_LIMIT non-zero differences, else FLIP_SAMPLES seeded flips with the
+    (hits + 1) / (samples + 1) correction, which never understates p."""
+    differences = np.array([k - r for r, k in zip(reference, knocked)], dtype=float)
+    differences = differences[differences != 0]
+    if differences.size == 0:
+        return 1.0
+    observed = differences.sum()
+    tolerance = 1e-12 * np.abs(differences).sum()  # flips that equal the observed sum count as extreme
+    if differences.size <= EXACT_FLIP_LIMIT:
+        patterns = ((np.arange(2 ** differences.size)[:, None] >> np.arange(differences.size)) & 1) * 2 - 1
+        return float(np.mean(patterns @ differences >= observed - tolerance))
+    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
+    flips = rng.choice((-1.0, 1.0), size=(FLIP_SAMPLES, differences.size))
+    return float((np.sum(flips @ differences >= observed - tolerance) + 1) / (FLIP_SAMPLES + 1))
+
+
+def holm_adjusted(p_values: Mapping[Hashable, float]) -> dict:
+    """Holm's step-down adjustment: each p-value as it must be read when all of them were tested
+    (family-wise error at most alpha over the candidate layers)."""
+    ordered = sorted(p_values.items(), key=lambda item: item[1])
+    count, running, adjusted = len(ordered), 0.0, {}
+    for rank, (key, p) in enumerate(ordered):
+        running = max(running, min(1.0, (count - rank) * p))
+        adjusted[key] = running
+    return {key: adjusted[key] for key in p_values}
+
+
 def bootstrap_indices(n_docs: int, samples: int, seed: int, stream: str) -> np.ndarray:
     """`samples` resamples (with replacement) of n_docs positions; seeded by (seed, stream) only."""
     rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
