@@ -15,7 +15,6 @@ per sub-task, fitted over the second half of the run (the first sub-tasks warm c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from lmms_talo.report_reader import Run, load_run
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,7 +39,7 @@ def run(work: Path, subtasks: int, docs: int, layers: int, threads: int) -> Path
     categories = [f"category_{i // docs:02d}" for i in range(subtasks * docs)]
     task = write_image_task(work / "task", "talo_memory", [f"answer {i % 4}" for i in range(subtasks * docs)], categories)
     report = work / "talo_report.json"
-    args = (f"pretrained={model},device=cpu,device_map=cpu,probe_shots={max(1, docs // 3)},resample_rounds=1,"
+    args = (f"pretrained={model},device=cpu,device_map=cpu,probe_shots={max(1, docs // 3)},max_redraws=0,"
             f"category_field=category,compare_base=true,state_dir=none,report={report}")
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "talo_llava", "--force_simple", "--model_args", args,
            "--tasks", "talo_memory", "--include_path", str(task), "--output_path", str(work / "out"), "--batch_size", "1"]
@@ -50,8 +51,8 @@ def run(work: Path, subtasks: int, docs: int, layers: int, threads: int) -> Path
     return report
 
 
-def summarize(report: dict) -> str:
-    memory = [g["memory"] for g in report["subtasks"] if g.get("memory")]
+def summarize(run: Run) -> str:
+    memory = [s.memory for s in run.subtasks if s.memory]
     if len(memory) < 4:
         raise SystemExit("the report holds memory records for fewer than 4 sub-tasks: nothing to fit")
     rss = np.array([m["rss_mb"] for m in memory])
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report", type=Path, help="summarize this finished run's talo_report.json instead")
     args = parser.parse_args(argv)
     path = args.report or run(args.work, args.subtasks, args.docs, args.layers, args.threads)
-    print(summarize(json.loads(path.read_text())))
+    print(summarize(load_run(path)))
     return 0
 
 

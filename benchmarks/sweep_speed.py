@@ -74,13 +74,16 @@ class PassCounter:
             tower.register_forward_hook(lambda *_: setattr(self, "vision_calls", self.vision_calls + 1))
 
 
+_EVALUATIONS: list = []
+
+
 def _lmms_eval_setup(spec: dict, mode: str):
     """A TaLo lmms-eval model and its probe group, prepared as lmms-eval's evaluator does."""
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    from lmms_talo.lmms import task_capture
-    from lmms_talo.lmms.adapter import TaloMixin
+    from lmms_talo import evaluation_scope
+    from lmms_talo.mixin import TaloMixin
 
     def load():
         lm = get_model(spec["model"], True).create_from_arg_string(f"{spec['model_args']},{TALO_ARGS[mode]}")
@@ -88,8 +91,10 @@ def _lmms_eval_setup(spec: dict, mode: str):
         return lm
 
     task_dict = get_task_dict([spec["task"]], TaskManager(include_path=spec["include_path"]))
-    task_capture.remember(task_dict)
-    task = task_capture.task(spec["task"])
+    # the evaluation lmms-eval's evaluate() would open, held until this worker process exits
+    _EVALUATIONS.append(evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict)))
+    _EVALUATIONS[-1].__enter__()
+    task = evaluation_scope.current().task(spec["task"])
     task.build_all_requests(rank=0, world_size=1)
     lm = load()
     (group,) = lm._talo_groups(spec["reqtype"], task.instances)
@@ -106,7 +111,7 @@ def run_mode(spec: dict, mode: str) -> dict:
     lm, group, load, base_method_of = _lmms_eval_setup(spec, mode)
     layers = list(lm.talo_candidate_layers)
     scorer = TaskScorer(group.task, group.task_name)
-    probe = group.split.probe_set(0)
+    probe = list(group.split.first_round().docs)
     counter = PassCounter()
     counter.attach(lm.model)
     out: dict = {"mode": mode, "probe_docs": [str(d) for d in probe], "layers": len(layers)}
@@ -134,7 +139,7 @@ def run_mode(spec: dict, mode: str) -> dict:
         out["scores"] = scores
     else:
         sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
-        result = sweep.run(group.split, layers, spec["intervention"], lm.talo.threshold, 1)
+        result = sweep.run(group.split, layers, spec["intervention"], 0)
         out.update(selected=result.selected, pruned={str(k): v.after_docs for k, v in result.pruned[0].items()},
                    doc_scores=result.doc_scores, replay=result.replay)
     out["seconds"] = time.perf_counter() - started
@@ -159,7 +164,7 @@ def vlm_spec(work: Path, shots: int, threads: int) -> dict:
     return {
         "model": "talo_llava", "task": "talo_bench_vqa", "reqtype": "generate_until",
         "include_path": str(work / "task"), "intervention": "zero", "threads": threads,
-        "model_args": f"pretrained={model_dir},device=cpu,device_map=cpu,probe_shots={shots},state_dir=none,resample_rounds=1",
+        "model_args": f"pretrained={model_dir},device=cpu,device_map=cpu,probe_shots={shots},state_dir=none,max_redraws=0",
     }
 
 
@@ -170,7 +175,7 @@ def smollm2_spec(model: Path, task: str, include_path: Path, shots: int, threads
         "model": "talo_huggingface", "task": task, "reqtype": "loglikelihood", "include_path": str(include_path),
         "intervention": "zero", "threads": threads,
         "model_args": f"pretrained={model},device=cpu,dtype=float32,chat_template=false,batch_size=8,"
-                      f"probe_shots={shots},state_dir=none,resample_rounds=1",
+                      f"probe_shots={shots},state_dir=none,max_redraws=0",
     }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .interventions import check_intervention
+from .probe import MAX_REDRAWS
 from .rules import RuleError, SelectionRule, make_rule
 from .sweep import SweepModeError, check_sweep_mode
 
@@ -15,7 +16,14 @@ class TaloArgumentError(ValueError):
     """A TaLo model arg has a bad value."""
 
 
-GRANULARITIES = ("task", "category")
+GRANULARITIES = ("auto", "task", "category")  # auto: category for the benchmarks lmms_talo.subtasks knows, task otherwise
+PROBE_PROTOCOLS = ("authors",)  # the rounds of the authors' released code: see lmms_talo.probe
+REMOVED_ARGS = {
+    "resample_rounds": (
+        "resample_rounds was removed: the probe rounds now follow the authors' protocol (redraws from the "
+        "pool docs not used yet, at most 5). Use max_redraws=N for at most N redraws (max_redraws=0: one round)"
+    ),
+}
 
 
 def parse_layers(spec: Any) -> tuple[int, ...] | None:
@@ -45,7 +53,8 @@ def parse_layers(spec: Any) -> tuple[int, ...] | None:
     return tuple(dict.fromkeys(layers))
 
 
-def _as_bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
+    """A boolean model arg: true/false, 1/0, yes/no, on/off (any case)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -62,11 +71,12 @@ class TaloConfig:
     intervention: str = "zero"
     layers: tuple[int, ...] | None = None  # None: 1 .. L-1
     threshold: float = 0.0
-    granularity: str = "task"
+    granularity: str = "auto"
     category_field: str | None = None
     stratify_field: str | None = None
     seed: int = 0
-    resample_rounds: int = 5
+    probe_protocol: str = "authors"
+    max_redraws: int = MAX_REDRAWS  # the authors' limit: 5 redraws, 6 rounds
     force_layer: int | None = None
     report: str | None = None
     compare_base: bool = False
@@ -74,7 +84,7 @@ class TaloConfig:
     select_rule: str = "gain"  # gain (the paper's) | sign_test | bootstrap: see lmms_talo.rules
     select_alpha: float = 0.05
     select_resamples: int = 1000
-    max_layers: int = 1  # > 1: greedy multi-layer search on top of the selected layer (lmms_talo.pairwise)
+    max_layers: int = 1  # > 1: greedy multi-layer search on top of the selected layer (lmms_talo.greedy_search)
     transfer: bool = False  # also score each sub-task's test docs under the other sub-tasks' selections
     test_all_layers: bool = False  # also score the test docs under every candidate layer
     sweep: str = "full"  # full (the whole interaction vector) | select (exact pruning): see lmms_talo.sweep
@@ -87,22 +97,21 @@ class TaloConfig:
             raise TaloArgumentError(f"probe_shots must be at least 1, got {self.probe_shots}")
         if self.granularity not in GRANULARITIES:
             raise TaloArgumentError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.resample_rounds < 1:
-            raise TaloArgumentError(f"resample_rounds must be at least 1, got {self.resample_rounds}")
+        if self.probe_protocol not in PROBE_PROTOCOLS:
+            raise TaloArgumentError(
+                f"probe_protocol={self.probe_protocol!r} is unknown: the one protocol is authors (the rounds of the "
+                f"authors' released code); max_redraws bounds its redraws"
+            )
+        if self.max_redraws < 0:
+            raise TaloArgumentError(f"max_redraws must be at least 0 (0: one round; the authors: {MAX_REDRAWS}), got {self.max_redraws}")
         if self.layers is not None and len(self.layers) == 0:
             raise TaloArgumentError("layers is empty: give at least one candidate layer, or leave it out for 1..L-1")
         if self.max_layers < 1:
             raise TaloArgumentError(f"max_layers must be at least 1, got {self.max_layers}")
         try:
-            self.selection_rule()
-            check_sweep_mode(self.sweep)
+            check_sweep_mode(self.sweep, self.selection_rule())
         except (RuleError, SweepModeError) as exc:
             raise TaloArgumentError(str(exc)) from exc
-        if self.sweep == "select" and self.select_rule != "gain":
-            raise TaloArgumentError(
-                f"sweep=select prunes layers by the gain rule's bounds, so it cannot serve select_rule="
-                f"{self.select_rule} (which needs every layer's scores): use sweep=full, or select_rule=gain"
-            )
 
     def selection_rule(self) -> SelectionRule:
         return make_rule(
@@ -121,20 +130,24 @@ class TaloConfig:
             "category_field": lambda v: str(v) or None,
             "stratify_field": lambda v: str(v) or None,
             "seed": int,
-            "resample_rounds": int,
+            "probe_protocol": str,
+            "max_redraws": int,
             "force_layer": lambda v: None if v in (None, "", "none") else int(v),
             "report": str,
-            "compare_base": _as_bool,
+            "compare_base": parse_bool,
             "state_dir": str,
             "select_rule": str,
             "select_alpha": float,
             "select_resamples": int,
             "max_layers": int,
-            "transfer": _as_bool,
-            "test_all_layers": _as_bool,
+            "transfer": parse_bool,
+            "test_all_layers": parse_bool,
             "sweep": str,
-            "replay": _as_bool,
+            "replay": parse_bool,
         }
+        for name, message in REMOVED_ARGS.items():
+            if name in kwargs:
+                raise TaloArgumentError(message)
         values = {}
         for name, convert in converters.items():
             if name in kwargs:
@@ -149,8 +162,6 @@ class TaloConfig:
             if values.get("compare_base") is False:
                 raise TaloArgumentError("transfer and test_all_layers report gains over the base model's test scores: drop compare_base=false")
             values["compare_base"] = True
-        if values.get("category_field") and "granularity" not in values:
-            values["granularity"] = "category"
         return cls(**values)
 
     @classmethod

@@ -7,7 +7,6 @@ weight fill in the registry (`Intervention.exportable`: zero, uniform, mean) can
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from . import interventions
 from .interventions import InterventionError, edit_weights_in_place
+from .report_reader import ReportError, load_run
 
 # Files of a checkpoint folder that describe preprocessing, copied unchanged.
 _PREPROCESSING_FILES = (
@@ -41,14 +41,14 @@ def load_for_export(pretrained: str, dtype: str = "auto", trust_remote_code: boo
 
 def selection_from_report(report_path: str, task: str) -> tuple[int, str]:
     """(layer, intervention) that a TaLo run selected for `task` (a task or sub-task name)."""
-    report = json.loads(Path(report_path).read_text())
-    names = [g["subtask"] for g in report["subtasks"]]
-    for group in report["subtasks"]:
-        if task in (group["subtask"], group["task"]):
-            if group["selected_layer"] is None:
-                raise ExportError(f"{task!r}: TaLo kept the full model ({group['selection_reason']}); nothing to export")
-            return group["selected_layer"], report["config"]["intervention"]
-    raise ExportError(f"{task!r} is not in {report_path}; it holds: {', '.join(names)}")
+    run = load_run(Path(report_path))
+    try:
+        sub = run.subtask(task)
+    except ReportError as exc:
+        raise ExportError(str(exc)) from None
+    if sub.selected_layer is None:
+        raise ExportError(f"{task!r}: TaLo kept the full model ({sub.selection_reason}); nothing to export")
+    return sub.selected_layer, run.intervention
 
 
 @torch.no_grad()

@@ -106,10 +106,10 @@ def _portable(instance: Any) -> tuple:
     return instance.request_type, arguments, instance.idx, dict(instance.metadata)
 
 
-def _rebuilt(portable: tuple, local: Sequence[Any], task_name: str) -> Any:
-    from lmms_eval.api.instance import Instance
-
+def _rebuilt(portable: tuple, task: Any, task_name: str, rebuild: Callable) -> Any:
+    """Another rank's request as this harness's Instance, with this rank's own callables."""
     request_type, arguments, idx, metadata = portable
+    local = task.instances
     if any(isinstance(a, _LocalCallable) for a in arguments):
         twins = [i for i in local if i.request_type == request_type]
         if not twins:
@@ -118,13 +118,14 @@ def _rebuilt(portable: tuple, local: Sequence[Any], task_name: str) -> Any:
                 f"callables from, so it cannot rebuild the other ranks' requests"
             )
         arguments = tuple(twins[0].args[a.position] if isinstance(a, _LocalCallable) else a for a in arguments)
-    return Instance(request_type=request_type, arguments=arguments, idx=idx, metadata=metadata)
+    return rebuild(task, request_type, arguments, idx, metadata)
 
 
 class SharedRequests:
     """Every rank's requests of one request type, as seen from this rank."""
 
-    def __init__(self, reqtype: str, requests: Sequence[Any], tasks: Mapping[str, Any], ranks: Ranks):
+    def __init__(self, reqtype: str, requests: Sequence[Any], tasks: Mapping[str, Any], ranks: Ranks, rebuild: Callable):
+        """`rebuild(task, request_type, arguments, idx, metadata)`: the harness's Instance (lmms_talo.harness)."""
         self.reqtype = reqtype
         self.ranks = ranks
         self.task_order = {name: index for index, name in enumerate(tasks)}
@@ -148,7 +149,7 @@ class SharedRequests:
             everyone = list(local)
             for rank, part in enumerate(gathered):
                 if rank != ranks.rank:
-                    everyone.extend(_rebuilt(p, task.instances, name) for p in part["instances"].get(name, []))
+                    everyone.extend(_rebuilt(p, task, name, rebuild) for p in part["instances"].get(name, []))
             everyone.sort(key=lambda i: (i.doc_id, i.idx))
             self._instances[name] = everyone
 

@@ -24,6 +24,20 @@ A call whose inputs match no record, or that replay cannot reproduce exactly (at
 requested, a legacy tuple cache, cache writes other than `update`, a positional call), is computed
 in full: never a silently different answer. Each such case is logged once.
 
+Replay does not trust the transformers release to keep this calling convention: it checks itself.
+  - At record time: a decoder layer that was handed a KV cache (a `Cache` object under any argument
+    name, positional or keyword) and wrote nothing through `update` of the cache argument replay
+    knows (CACHE_KWARGS) writes its K/V some other way (a renamed cache argument, a direct write):
+    replay could not repeat those writes, so it is turned off.
+  - At run time: the sweep (lmms_talo.sweep) computes one knockout variant of the first replayed
+    probe doc of each sweep (and of the first doc whose calls take another route: a context then
+    continuations on its cache, a call that matched no record) both with replay and in full; any
+    difference turns replay off.
+Off means off for the rest of the run: the flag belongs to the model (`disabled_reason`), so the
+PrefixReplay of every later sub-task of the same model starts disabled; a disabled replay patches
+nothing, every pass is computed in full, the log says why once, and its stats carry
+`status: "disabled (reason)"` (the report's `sweep_replay`).
+
 Memory bound: records live until `forget()`, which the sweep calls after each doc. For one doc they
 hold, per recorded model call of that doc (a generate_until request's prefill; each loglikelihood
 forward, or a shared context and its continuation batch), for each layer below `replay_below`: the
@@ -36,8 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -46,14 +60,21 @@ from transformers.utils import ModelOutput
 
 from .backbone import decoder_layers, unwrap
 from .interventions import Knockout
+from .logs import log
 
-log = logging.getLogger("lmms_talo")
 
 VISION_METHODS = ("get_image_features", "get_video_features")
 # Cache methods that change state beyond K/V writes (linear-attention and indexer caches): replay
 # does not reproduce them, so a record that saw one is dropped.
 UNREPLAYABLE_CACHE_WRITES = ("update_conv_state", "update_recurrent_state", "update_indexer")
 RECORD = "record"
+# model -> why prefix replay was turned off for it: every later PrefixReplay of that model is inert.
+_DISABLED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def disabled_reason(model: nn.Module) -> str | None:
+    """Why prefix replay is off for this model (None while it is on)."""
+    return _DISABLED.get(unwrap(model))
 
 
 def fresh(value: Any) -> Any:
@@ -115,9 +136,12 @@ class ReplayStats:
     layers_replayed: int = 0  # decoder-layer forwards answered from a record
     calls_recorded: int = 0
     calls_replayed: int = 0
+    calls_replayed_on_cache: int = 0  # of those, calls on a filled KV cache (continuations, chunked prefill)
     calls_unmatched: int = 0  # variant calls with no matching record: computed in full
     vision_computed: int = 0
     vision_replayed: int = 0
+    checks: int = 0  # replayed variants compared with a full pass (identical, or replay is off)
+    status: str = "on"  # or "disabled (reason)"
 
 
 @dataclass
@@ -151,6 +175,12 @@ def _is_cache(value: Any) -> bool:
     from transformers.cache_utils import Cache
 
     return isinstance(value, Cache)
+
+
+def _cache_given(args: tuple, kwargs: dict) -> str | None:
+    """Where a call got a KV cache, under any name ("argument `x`", "positional argument 2"), or None."""
+    named = next((f"argument `{name}`" for name, value in kwargs.items() if _is_cache(value)), None)
+    return named or next((f"positional argument {i}" for i, value in enumerate(args) if _is_cache(value)), None)
 
 
 def _owner_of(root: nn.Module, child: nn.Module) -> nn.Module | None:
@@ -266,7 +296,8 @@ class PrefixReplay:
         layer_list = _owner_of(self.model, self.layers[0])
         self.text_model = _owner_of(self.model, layer_list) if layer_list is not None else None
         self.vision_owner = self._find_vision_owner()
-        self.stats = ReplayStats()
+        reason = _DISABLED.get(self.model)
+        self.stats = ReplayStats(status="on" if reason is None else f"disabled ({reason})")
         self.records: list[CallRecord] = []
         self.vision_records: list[_VisionRecord] = []
         self._phase: str | int | None = None  # None: pass through; RECORD; int: replay layers below it
@@ -285,9 +316,24 @@ class PrefixReplay:
 
     # --- lifecycle ---
 
+    @property
+    def enabled(self) -> bool:
+        return self.model not in _DISABLED
+
+    def disable(self, reason: str) -> None:
+        """Turn replay off for this model for the rest of the run (this and every later PrefixReplay)."""
+        if self.enabled:
+            _DISABLED[self.model] = reason
+            log.warning("lmms-talo prefix replay is off for the rest of the run: %s; every pass is computed in full", reason)
+        self.stats.status = f"disabled ({_DISABLED[self.model]})"
+        self.forget()
+
     @contextlib.contextmanager
     def installed(self) -> Iterator["PrefixReplay"]:
         """Patch the model for the block; on exit every patch is undone and every record freed."""
+        if not self.enabled:
+            yield self
+            return
         if self.text_model is None:
             self._note("the text model that owns the decoder layers was not found: prefix replay is off")
             yield self
@@ -310,8 +356,14 @@ class PrefixReplay:
 
     @contextlib.contextmanager
     def variant(self, knockout: Knockout | None) -> Iterator[None]:
-        """The pass of one variant: the base pass records, a knockout replays layers below its lowest layer."""
-        self._phase = RECORD if knockout is None or not knockout.layers else min(min(knockout.layers), self.replay_below)
+        """The pass of one variant: the base pass records, a knockout replays layers below its lowest
+        layer; once replay is disabled, every pass is computed in full."""
+        if not self.enabled:
+            self._phase = None
+        elif knockout is None or not knockout.layers:
+            self._phase = RECORD
+        else:
+            self._phase = min(min(knockout.layers), self.replay_below)
         try:
             yield
         finally:
@@ -349,7 +401,7 @@ class PrefixReplay:
         @functools.wraps(original)  # transformers inspects signatures (generate pre-encodes images)
         def forward(*args, **kwargs):
             phase = self._phase
-            if phase is None or self._active is not None:
+            if phase is None or self._active is not None or not self.enabled:
                 return original(*args, **kwargs)
             reason = self._unreplayable(args, kwargs)
             if reason:
@@ -381,6 +433,7 @@ class PrefixReplay:
             finally:
                 self._active = None
             self.stats.calls_replayed += 1
+            self.stats.calls_replayed_on_cache += before is not None
             return output
 
         return forward
@@ -392,6 +445,8 @@ class PrefixReplay:
             output = original(**kwargs)
         finally:
             self._active = None
+        if not self.enabled:
+            return output  # disable() has said why
         if record.complete():
             self.records.append(record)
             self.stats.calls_recorded += 1
@@ -416,6 +471,13 @@ class PrefixReplay:
             if isinstance(active, _Recording):
                 with _capturing_writes(_cache_of(kwargs), active.record) as writes:
                     output = original(*args, **kwargs)
+                given = _cache_given(args, kwargs)
+                if given and not writes:
+                    self.disable(
+                        f"decoder layer {index} was given a KV cache ({given}) but wrote nothing through "
+                        f"`update` of a cache argument replay knows ({', '.join(CACHE_KWARGS)}): it writes "
+                        f"its K/V some other way, which replay cannot repeat"
+                    )
                 active.record.layers[index] = LayerRecord(fresh(output), writes)
                 return output
             return original(*args, **kwargs)

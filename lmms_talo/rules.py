@@ -1,8 +1,8 @@
 """Selection rules: how strong must a probe gain be before TaLo knocks a layer out?
 
-`gain` is the paper's rule (select.decide_round): the best layer, if its mean probe gain clears the
-threshold. On 10-20 probe docs that rule often picks noise, so two guarded rules also ask that the
-gain be unlikely to be chance:
+`gain` is the paper's rule (`decide_round`): the best layer, l* = argmax_l g_l, if its mean probe
+gain clears the threshold; ties go to the lowest layer. On 10-20 probe docs that rule often picks
+noise, so two guarded rules also ask that the gain be unlikely to be chance:
 
   sign_test  exact one-sided sign test on the discordant probe docs (those whose score differs
              between the knockout and the reference): p < alpha.
@@ -13,9 +13,10 @@ A layer must clear the gain threshold and the test; among the layers that do, th
 and ties go to the lowest layer. The test is run for each candidate layer without a correction for
 the number of candidates; lower `select_alpha` to guard against that too.
 
-A rule decides the round that the probe sweep ended on: the sweep redraws the probe set as the paper
-does until some layer's gain clears the threshold, and the guarded rule then accepts or rejects that
-round's best layers. It never asks for more redraws, which would repeat the test until it passes.
+The rule is the only decider: the sweep (lmms_talo.sweep) asks it at the end of every probe round.
+The rounds stop at the first round where some layer's gain clears the threshold (`cleared`, the
+paper's redraw criterion), and a guarded rule then accepts or rejects that round's best layers. A
+rejection never asks for more redraws, which would repeat the test until it passes.
 Every statistic is a pure function of the per-doc scores and the seed, so the report's per-doc
 records reproduce each rule's decision offline. Each rule is one class in the `RULES` registry.
 """
@@ -26,12 +27,57 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 
-from .select import RoundOutcome, decide_round
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """The decision of one probe round."""
+
+    probe_docs: tuple
+    baseline: float
+    layer_scores: dict[int, float]  # mean probe score per candidate layer (empty when not swept)
+    gains: dict[int, float]  # the Task-Layer Interaction Vector: layer score - baseline
+    selected: int | None
+    reason: str
+    tied_layers: tuple[int, ...] = field(default=())
+    evidence: dict[int, float] = field(default_factory=dict)  # a guarded rule's statistic per layer
+    cleared: bool = False  # some layer's gain cleared the threshold: the probe rounds stop here
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def baseline_is_perfect(baseline: float) -> bool:
+    return baseline >= 1.0
+
+
+def decide_round(
+    probe_docs: Sequence[Hashable],
+    base_scores: Mapping[Hashable, float],
+    layer_doc_scores: Mapping[int, Mapping[Hashable, float]],
+    threshold: float,
+) -> RoundOutcome:
+    """Apply `l* = argmax_l g_l if g_l* > threshold`; ties go to the lowest layer."""
+    baseline = mean([base_scores[d] for d in probe_docs])
+    if not layer_doc_scores:
+        return RoundOutcome(tuple(probe_docs), baseline, {}, {}, None, "baseline already perfect on the probe set")
+    layer_scores = {layer: mean([scores[d] for d in probe_docs]) for layer, scores in layer_doc_scores.items()}
+    gains = {layer: score - baseline for layer, score in layer_scores.items()}
+    best_gain = max(gains.values())
+    tied = tuple(sorted(layer for layer, gain in gains.items() if gain == best_gain))
+    if best_gain > threshold:
+        reason = f"layer {tied[0]} gains {best_gain:+.3f} on the probe set"
+        if len(tied) > 1:
+            reason += f" (tied with layers {', '.join(map(str, tied[1:]))}; the lowest layer wins ties)"
+        return RoundOutcome(tuple(probe_docs), baseline, layer_scores, gains, tied[0], reason, tied, cleared=True)
+    reason = f"no layer gains more than the threshold {threshold:g} (best {best_gain:+.3f} at layer {tied[0]})"
+    return RoundOutcome(tuple(probe_docs), baseline, layer_scores, gains, None, reason, tied)
+
 
 class RuleError(ValueError):
     """A selection rule was configured with a bad value."""
@@ -162,16 +208,6 @@ class SelectionRule:
         if len(tied) > 1:
             reason += f" (tied with layers {', '.join(map(str, tied[1:]))}; the lowest layer wins ties)"
         return dataclasses.replace(outcome, selected=tied[0], reason=reason, tied_layers=tied, evidence=evidence)
-
-    def apply(self, result, stream: str) -> None:
-        """Replace the sweep's final round (decided by the gain rule) with this rule's decision."""
-        if not self.guarded:
-            return
-        final = result.final
-        docs = [str(d) for d in final.probe_docs]
-        layers = {l: result.doc_scores[str(l)] for l in final.layer_scores}
-        decided = self.decide(docs, result.doc_scores["base"], layers, stream)
-        result.rounds[-1] = dataclasses.replace(decided, probe_docs=final.probe_docs)
 
 
 RULES: dict[str, type[SelectionRule]] = {}

@@ -94,20 +94,59 @@ class TaskScorer:
 
     def score(self, doc: dict, requests: Sequence[Any], responses: Sequence[Any]) -> float:
         """`requests` are the doc's Instances in idx order; `responses` the raw model outputs."""
-        instances = []
-        for request, response in zip(requests, responses):
-            instance = copy.copy(request)
-            instance.resps = [response]
-            instance.filtered_resps = {}
-            instances.append(instance)
         filters = getattr(self.task, "_filters", None) or []
-        key = "none"
-        for ensemble in filters[:1]:  # the evaluator's first filter pipeline is the primary one
-            _apply_filters(ensemble, instances, doc)
-            key = ensemble.name
-        filtered = [inst.filtered_resps.get(key, inst.resps) for inst in instances]
-        if not filters:
-            filtered = [inst.resps[0] for inst in instances]
-        sample = self.task.process_results(doc, filtered)
+        return self.score_of(self.records(doc, requests, responses, filters[:1]))
+
+    def score_of(self, records: dict[str, dict]) -> float:
+        """The doc's score from its records: the first filter pipeline's (the evaluator's primary one)."""
+        sample = next(iter(records.values()))
         metric = self.primary_metric(sample)
         return _as_score(metric, sample[metric])
+
+    def records(self, doc: dict, requests: Sequence[Any], responses: Sequence[Any], filters: Sequence | None = None) -> dict[str, dict]:
+        """filter name -> the doc's process_results output under that filter pipeline (default: every
+        pipeline of the task): the records the evaluator hands the task's aggregations."""
+        if filters is None:
+            filters = getattr(self.task, "_filters", None) or []
+        filtered = self._filtered(doc, requests, responses, filters)
+        return {key: self.task.process_results(doc, values) for key, values in filtered.items()}
+
+    def _filtered(self, doc: dict, requests: Sequence[Any], responses: Sequence[Any], filters: Sequence) -> dict:
+        """filter name -> the doc's filtered responses, one per request, as the evaluator passes them
+        to process_results (lmms-eval also strips reasoning tags, e.g. <think>...</think>)."""
+        if not filters:
+            return {"none": [self._strip(r) for r in responses]}
+        out = {}
+        for ensemble in filters:
+            instances = []
+            for request, response in zip(requests, responses):
+                instance = copy.copy(request)
+                instance.resps = [response]
+                instance.filtered_resps = {}
+                instances.append(instance)
+            _apply_filters(ensemble, instances, doc)
+            out[ensemble.name] = [self._strip(inst.filtered_resps.get(ensemble.name, inst.resps)) for inst in instances]
+        return out
+
+    def _strip(self, response: Any) -> Any:
+        tags = reasoning_tags(self.task)
+        if tags is None:
+            return response
+        from lmms_eval.api.reasoning import strip_reasoning_tags
+
+        if isinstance(response, str):
+            return strip_reasoning_tags(response, tags)
+        if isinstance(response, list):
+            return [strip_reasoning_tags(r, tags) if isinstance(r, str) else r for r in response]
+        return response
+
+
+def reasoning_tags(task: Any) -> list | None:
+    """The reasoning tags lmms-eval strips before process_results (the task's, else the CLI's
+    --reasoning_tags, whose default strips <think> and <analysis> blocks); None under lm-eval."""
+    if not type(task).__module__.startswith("lmms_eval."):
+        return None
+    from lmms_eval.api.reasoning import parse_reasoning_tags_config
+
+    cli_value = getattr(getattr(task, "args", None), "reasoning_tags", None)  # the evaluator sets task.args = cli_args
+    return parse_reasoning_tags_config(cli_value=cli_value, task_value=getattr(task.config, "reasoning_tags", None))

@@ -1,26 +1,46 @@
 """Probe results persisted the moment they are computed, so a crash mid-sweep loses nothing.
 
-One JSON-lines file per fingerprint (model identity, task and prompt, sub-task, intervention,
-seed, shots): a changed input gets a new file and never reuses stale results. Lines that do not
-parse or carry another fingerprint are ignored with a warning, never trusted.
+One JSON-lines file per fingerprint of everything that can change a probe answer (the adapter
+builds it: model identity with its dtype and device type, the harness's model class and form, every
+non-TaLo model arg, task config and generation kwargs, sub-task, intervention, seed, shots, request
+type): a changed input gets a new file and never reuses stale results. Each line also records the
+library versions it was computed under (transformers, torch, the harness); lines written under other
+versions are not reused, and the log says so. Lines that do not parse or carry another fingerprint
+are ignored with a warning, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-log = logging.getLogger("lmms_talo")
+from .logs import log
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
 
 def fingerprint_of(payload: dict) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str)
+    """A digest of `payload`; object reprs lose their memory addresses, which change every run."""
+    text = _ADDRESS.sub("", json.dumps(payload, sort_keys=True, default=str))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def library_versions(harness: str | None) -> dict:
+    """The installed releases whose changes can change an answer: transformers, torch, the harness."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("transformers", "torch", *([harness] if harness else [])):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def task_config_identity(task: Any, talo_args: set[str]) -> str:
@@ -32,7 +52,15 @@ def task_config_identity(task: Any, talo_args: set[str]) -> str:
     config = dict(task.dump_config())
     if isinstance(config.get("metadata"), dict):
         config["metadata"] = {k: v for k, v in config["metadata"].items() if k not in talo_args}
-    return re.sub(r" at 0x[0-9a-f]+", "", repr(sorted(config.items())))
+    return _ADDRESS.sub("", repr(sorted(config.items())))
+
+
+def request_kwargs(requests: Iterable) -> list[str]:
+    """The distinct keyword dicts (generation kwargs) among the requests' arguments, as text: the
+    CLI's --gen_kwargs and the task's generation_kwargs both end up there."""
+    return sorted({
+        json.dumps(arg, sort_keys=True, default=str) for request in requests for arg in request.args if isinstance(arg, dict)
+    })
 
 
 def default_state_dir() -> Path:
@@ -53,10 +81,12 @@ def _from_json(value: Any) -> Any:
 
 
 class ProbeStore:
-    """(variant label, doc key) -> (score, responses), backed by an append-only file when a path is set."""
+    """(variant label, doc key) -> (score, responses), backed by an append-only file when a path is set.
+    `versions` (library_versions) is recorded on every line; a line of other versions is not reused."""
 
-    def __init__(self, directory: Path | None, fingerprint: dict):
+    def __init__(self, directory: Path | None, fingerprint: dict, versions: dict | None = None):
         self.fingerprint = fingerprint_of(fingerprint)
+        self.versions = dict(versions or {})
         self._records: dict[tuple[str, str], tuple[float, list]] = {}
         self.path = None
         if directory is not None:
@@ -69,6 +99,7 @@ class ProbeStore:
         if not self.path.exists():
             return
         skipped = 0
+        other_versions: dict[str, int] = {}
         with open(self.path, encoding="utf-8") as handle:
             for line in handle:
                 try:
@@ -78,12 +109,22 @@ class ProbeStore:
                     key = (str(record["variant"]), str(record["doc"]))
                     score = float(record["score"])
                     responses = [_from_json(r) for r in record["responses"]]
+                    versions = record.get("versions", {})
                 except (ValueError, KeyError, TypeError):
                     skipped += 1
+                    continue
+                if versions != self.versions:
+                    label = json.dumps(versions, sort_keys=True)
+                    other_versions[label] = other_versions.get(label, 0) + 1
                     continue
                 self._records[key] = (score, responses)
         if skipped:
             log.warning("lmms-talo: ignored %d unreadable or foreign lines in %s", skipped, self.path)
+        for label, count in other_versions.items():
+            log.warning(
+                "lmms-talo: %d probe results in %s were written under other versions (%s; now %s): recomputing them",
+                count, self.path, label, json.dumps(self.versions, sort_keys=True),
+            )
 
     def get(self, variant: str, doc: Any) -> tuple[float, list] | None:
         return self._records.get((variant, str(doc)))
@@ -94,7 +135,7 @@ class ProbeStore:
             return
         line = json.dumps(
             {"fp": self.fingerprint, "variant": variant, "doc": str(doc), "score": score,
-             "responses": [_to_json(r) for r in responses]}
+             "responses": [_to_json(r) for r in responses], "versions": self.versions}
         )
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")

@@ -1,13 +1,20 @@
-"""Sub-tasks: the docs of a task that share one value of a category field.
+"""Sub-tasks: the docs of a task that share one value of a category field; probe units.
 
 The paper selects a layer per benchmark sub-category. Known benchmarks get their category and
-stratification fields by default; any other task names them with `category_field` /
-`stratify_field`.
+stratification fields by default, and granularity=auto (the default) groups them by category; any
+other task is one sub-task unless it names a `category_field`. A task config can declare its fields:
+`metadata: {talo: {category_field, stratify_field, unit_field}}` (a config that also declares
+`category: <value>` is already one category, so auto treats it as one sub-task).
+
+A probe *unit* is what the split and the probe count: one doc, or, with a unit field, all docs that
+share its value (MMBench stores each question once per rotation of its options: the question,
+`index % 1_000_000`, is the unit, scored right only if every rotation is).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 # task-name prefix -> (category field, stratification field or None)
@@ -24,6 +31,11 @@ KNOWN_FIELDS: dict[str, tuple[str, str | None]] = {
     "talo_mmmu": ("mmmu_subject", None),
 }
 
+# task-name prefix -> unit field (docs sharing its value are one probe unit)
+KNOWN_UNITS: dict[str, str] = {"mmbench": "mmbench_question", "talo_mmbench": "mmbench_question"}
+
+MMBENCH_ROTATION = 1_000_000  # MMBench's rotated copies of question i have index i + r * 1_000_000
+
 _MMMU_ID = re.compile(r"^(?:validation|test|dev)_(.+)_\d+$")
 
 
@@ -32,8 +44,15 @@ def mmmu_subject(doc: Mapping[str, Any]) -> str:
     return match.group(1) if match else str(doc["id"])
 
 
+def mmbench_question(doc: Mapping[str, Any]) -> int:
+    return int(doc["index"]) % MMBENCH_ROTATION
+
+
 # Derived fields: names that are computed from a doc rather than read from it.
-DERIVED_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {"mmmu_subject": mmmu_subject}
+DERIVED_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "mmmu_subject": mmmu_subject,
+    "mmbench_question": mmbench_question,
+}
 
 
 class CategoryFieldError(KeyError):
@@ -41,11 +60,19 @@ class CategoryFieldError(KeyError):
         return str(self.args[0])
 
 
-def known_fields(task_name: str) -> tuple[str, str | None] | None:
-    for prefix in sorted(KNOWN_FIELDS, key=len, reverse=True):
+def _by_prefix(table: dict, task_name: str):
+    for prefix in sorted(table, key=len, reverse=True):
         if task_name.startswith(prefix):
-            return KNOWN_FIELDS[prefix]
+            return table[prefix]
     return None
+
+
+def known_fields(task_name: str) -> tuple[str, str | None] | None:
+    return _by_prefix(KNOWN_FIELDS, task_name)
+
+
+def known_unit(task_name: str) -> str | None:
+    return _by_prefix(KNOWN_UNITS, task_name)
 
 
 def field_value(doc: Mapping[str, Any], field: str, task_name: str) -> Any:
@@ -72,17 +99,43 @@ def declared_fields(task) -> dict:
     return dict(metadata.get("talo") or {}) if isinstance(metadata, dict) else {}
 
 
-def resolve_fields(task_name: str, granularity: str, category_field: str | None, stratify_field: str | None, task=None):
-    """The (category field, stratification field) for a task: model args, then the task config's
-    declaration, then the known defaults of its benchmark."""
+@dataclass(frozen=True)
+class TaskFields:
+    """How one task is cut into sub-tasks and probe units, and why (for the log)."""
+
+    granularity: str  # task | category (auto resolved)
+    why: str
+    category: str | None
+    stratify: str | None
+    unit: str | None
+
+
+def _auto_granularity(task_name: str, category_field: str | None, declared: dict) -> tuple[str, str]:
+    if "category" in declared:
+        return "task", f"its config is the single category {declared['category']!r}"
+    if category_field:
+        return "category", f"category_field={category_field}"
+    if known_fields(task_name):
+        return "category", f"a known benchmark: the paper's unit is its category ({known_fields(task_name)[0]})"
+    return "task", "no known category field (set category_field=... to probe per category)"
+
+
+def resolve_fields(task_name: str, granularity: str, category_field: str | None, stratify_field: str | None, task=None) -> TaskFields:
+    """The granularity and the (category, stratification, unit) fields of a task: model args, then the
+    task config's declaration, then the known defaults of its benchmark."""
     declared = declared_fields(task)
+    unit = declared.get("unit_field") or known_unit(task_name)
     if stratify_field is None:
         stratify_field = declared.get("stratify_field")
     if category_field is None:
         category_field = declared.get("category_field")
+    if granularity == "auto":
+        granularity, why = _auto_granularity(task_name, category_field, declared)
+    else:
+        why = f"granularity={granularity}"
     defaults = known_fields(task_name)
     if granularity == "task":
-        return None, stratify_field
+        return TaskFields("task", why, None, stratify_field, unit)
     category = category_field or (defaults[0] if defaults else None)
     if category is None:
         raise CategoryFieldError(
@@ -90,7 +143,7 @@ def resolve_fields(task_name: str, granularity: str, category_field: str | None,
             f"category_field=<doc field>, or use granularity=task"
         )
     stratify = stratify_field if stratify_field is not None else (defaults[1] if defaults and not category_field else None)
-    return category, stratify
+    return TaskFields("category", why, category, stratify, unit)
 
 
 def subtask_name(task_name: str, category: Any) -> str:

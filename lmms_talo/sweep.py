@@ -1,5 +1,6 @@
 """The layer sweep of one sub-task: baseline + one pass per candidate layer over the probe set,
-with redraws of the probe set when no layer helps, and every per-doc result persisted as it lands.
+with the authors' redraws (lmms_talo.probe: fresh pool units after a perfect round-0 baseline or a
+round with no gain), and every per-unit result persisted as it lands.
 
 The sweep is written against two callables, so that any harness (lmms-eval, lm-eval) can drive it:
   answer(knockout, docs) -> {doc: [responses]}   runs the model on those docs' requests
@@ -7,7 +8,10 @@ The sweep is written against two callables, so that any harness (lmms-eval, lm-e
 
 It runs doc by doc: the base pass of a doc, then that doc's knockout variants. With prefix replay
 (lmms_talo.replay) the base pass records what the knockouts cannot change and the variants replay
-it, so only one doc's records are alive at a time. Two modes:
+it, so only one doc's records are alive at a time. Replay checks itself in every sweep (one
+sub-task, one request type): on the first doc it replays (and on the first doc whose model calls
+take another route), one variant also runs in full, and any difference turns replay off for the
+rest of the run (LayerSweep._checked_run). Two modes:
   full    every candidate layer on every probe doc: the whole Task-Layer Interaction Vector.
   select  the same selected layer with less work: a layer stops being evaluated once even perfect
           scores on its remaining docs could not make it the selection (exact pruning, LayerPruner).
@@ -19,19 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 from .interventions import Knockout
+from .logs import log
 from .parallel import RankMismatchError, Ranks
-from .probe import ProbeSplit
-from .replay import PrefixReplay
-from .select import RoundOutcome, baseline_is_perfect, decide_round, mean
+from .probe import MAX_REDRAWS, ProbeRound, ProbeSplit
+from .replay import PrefixReplay, ReplayStats
+from .rules import RoundOutcome, SelectionRule, baseline_is_perfect, make_rule, mean
 from .store import ProbeStore
 
-log = logging.getLogger("lmms_talo")
 
 Answer = Callable[[Knockout | None, Sequence[Hashable]], dict]
 Score = Callable[[Hashable, list], float]
@@ -43,11 +46,17 @@ class SweepModeError(ValueError):
     """An unknown sweep mode."""
 
 
-def check_sweep_mode(mode: str) -> str:
+def check_sweep_mode(mode: str, rule: SelectionRule | None = None) -> str:
+    """A known mode that can serve `rule`: select mode's pruning bounds are the gain rule's."""
     if mode not in SWEEP_MODES:
         raise SweepModeError(
             f"sweep={mode!r} is unknown: use full (every layer on every probe doc, the whole interaction "
             f"vector) or select (the same selected layer, hopeless layers pruned early)"
+        )
+    if mode == "select" and rule is not None and rule.guarded:
+        raise SweepModeError(
+            f"sweep=select prunes layers by the gain rule's bounds, so it cannot serve select_rule="
+            f"{rule.name} (which needs every layer's scores): use sweep=full, or select_rule=gain"
         )
     return mode
 
@@ -74,6 +83,8 @@ class SweepResult:
     mode: str = "full"
     pruned: list[dict[int, PrunedLayer]] = field(default_factory=list)  # per round (select mode)
     replay: dict = field(default_factory=dict)  # prefix replay's work counters, when it was on
+    probe_rounds: list[ProbeRound] = field(default_factory=list)  # each round's units and why it was drawn
+    stopped: str = ""  # why the rounds ended
 
     @property
     def final(self) -> RoundOutcome:
@@ -89,11 +100,11 @@ class SweepResult:
 
 
 class LayerPruner:
-    """Exact pruning for the gain rule (select.decide_round: the highest mean probe score wins,
+    """Exact pruning for the gain rule (rules.decide_round: the highest mean probe score wins,
     ties go to the lowest layer, and it is selected only if its gain exceeds the threshold).
 
     Per-doc scores lie in [0, 1], so a layer's final mean lies between its mean with the unseen
-    docs scored 0 and with them scored 1. Both bounds are computed with select.mean over the probe
+    docs scored 0 and with them scored 1. Both bounds are computed with rules.mean over the probe
     docs in probe order, the very arithmetic of the final decision; float addition is monotone, so
     they bound the final value exactly, rounding included. A layer is dropped when
       - its upper bound minus the baseline cannot exceed the threshold, or
@@ -152,14 +163,17 @@ class LayerSweep:
         mode: str = "full",
         replay: PrefixReplay | None = None,
         ranks: Ranks | None = None,
+        rule: SelectionRule | None = None,
     ):
+        self.rule = rule or make_rule("gain")
         self.answer = answer
         self.score = score
         self.store = store
-        self.mode = check_sweep_mode(mode)
+        self.mode = check_sweep_mode(mode, self.rule)
         self.replay = replay
         self.ranks = ranks or Ranks()
         self._known: dict[tuple[str, str], tuple[float, list]] = {}  # computed or merged in this process
+        self._checked_shapes: set[frozenset] = set()  # shapes of replayed passes compared with a full pass
 
     # --- one (variant, doc) at a time ---
 
@@ -170,19 +184,57 @@ class LayerSweep:
         self._known[(label, str(doc))] = (score, responses)
         result.doc_scores.setdefault(label, {})[str(doc)] = score
 
-    def _score(self, knockout: Knockout | None, doc: Hashable, result: SweepResult, replaying: bool = False) -> float:
+    def _run(self, knockout: Knockout | None, doc: Hashable, replaying: bool) -> tuple[float, list]:
+        context = self.replay.variant(knockout) if replaying else contextlib.nullcontext()
+        with context:
+            responses = self.answer(knockout, [doc])[doc]
+        return self.score(doc, responses), responses
+
+    def _pass_shape(self, before: ReplayStats) -> frozenset:
+        """What a replayed pass did, in kinds of model calls: a doc whose calls take another route
+        (a context then continuations on its cache, a call replay could not match) is checked anew."""
+        now = self.replay.stats
+        on_cache = now.calls_replayed_on_cache - before.calls_replayed_on_cache
+        kinds = {
+            "replayed on an empty cache": now.calls_replayed - before.calls_replayed - on_cache,
+            "replayed on a filled cache": on_cache,
+            "computed in full (unmatched)": now.calls_unmatched - before.calls_unmatched,
+        }
+        return frozenset(kind for kind, count in kinds.items() if count > 0)
+
+    def _checked_run(self, knockout: Knockout, doc: Hashable) -> tuple[float, list]:
+        """Prefix replay's run-time self-check: the variant with replay and, the first time a pass of
+        this shape replays anything, in full; any difference (responses or score, exact) turns
+        replay off for the rest of the run, and the full result is kept. In a sweep (one sub-task,
+        one request type) every doc has the same shape as a rule: one extra full pass in all."""
+        before = dataclasses.replace(self.replay.stats)
+        replayed = self._run(knockout, doc, True)
+        shape = self._pass_shape(before)
+        if self.replay.stats.layers_replayed == before.layers_replayed or shape in self._checked_shapes:
+            return replayed
+        full = self._run(knockout, doc, False)
+        self._checked_shapes.add(shape)
+        self.replay.stats.checks += 1
+        if not (replayed == full or repr(replayed) == repr(full)):  # repr: NaN equals NaN
+            self.replay.disable(
+                f"on probe doc {doc}, knockout {knockout.label} with replay gave {replayed!r:.200}, in full "
+                f"{full!r:.200} (a transformers change replay does not follow, or a non-deterministic model)"
+            )
+        return full
+
+    def _score(
+        self, knockout: Knockout | None, doc: Hashable, result: SweepResult, replaying: bool = False, check: bool = False
+    ) -> float:
         """One doc under one variant: from the store, or run. `replaying`: under prefix replay, and
-        then the base pass runs even when stored, because it records what the knockouts replay."""
+        then the base pass runs even when stored, because it records what the knockouts replay.
+        `check`: run it with replay and in full, and compare (`_checked_run`)."""
         label = knockout.label if knockout else "base"
         hit = self._lookup(label, doc)
         if hit is not None and not (replaying and knockout is None):
             result.docs_reused += 1
             self._remember(label, doc, *hit, result)
             return hit[0]
-        context = self.replay.variant(knockout) if replaying else contextlib.nullcontext()
-        with context:
-            responses = self.answer(knockout, [doc])[doc]
-        value = self.score(doc, responses)
+        value, responses = self._checked_run(knockout, doc) if check else self._run(knockout, doc, replaying)
         result.docs_computed += 1
         if hit is None:
             self.store.put(label, doc, value, responses)
@@ -209,16 +261,22 @@ class LayerSweep:
     ) -> tuple[float, dict[str, float]]:
         """The base score of `doc`, then (if `go_on(base)`) each knockout's score on it. Prefix replay
         is used when some knockout must run and it saves work: the base pass that records runs even
-        when its result is known, which pays off only if enough layers are then replayed."""
+        when its result is known, which pays off only if enough layers are then replayed.
+        The variant of the highest layer to run goes first, through replay's self-check
+        (`_checked_run`): it replays the most layers (every recorded layer output and K/V write
+        below it), so it exercises the most replay, and if replay is wrong no other variant used it."""
         todo = [k for k in knockouts if self._lookup(k.label, doc) is None]
-        replaying = self.replay is not None and bool(todo) and (
+        replaying = self.replay is not None and self.replay.enabled and bool(todo) and (
             self._lookup("base", doc) is None or self.replay.saves_work(todo)
         )
+        checked = max(todo, key=lambda k: min(k.layers, default=0)) if replaying else None
         with self._doc_records():
             base = self._score(None, doc, result, replaying)
             if go_on is not None and not go_on(base):
                 return base, {}
-            return base, {k.label: self._score(k, doc, result, replaying) for k in knockouts}
+            ordered = sorted(knockouts, key=lambda k: k is not checked)  # the checked variant first
+            scores = {k.label: self._score(k, doc, result, replaying, check=k is checked) for k in ordered}
+            return base, {k.label: scores[k.label] for k in knockouts}
 
     def doc_scores(self, knockout: Knockout | None, docs: Sequence[Hashable], result: SweepResult) -> dict:
         """One variant over several docs in one harness call (the multi-layer search uses this)."""
@@ -263,14 +321,14 @@ class LayerSweep:
     def _row(self, label: str, doc: Hashable) -> tuple[float, list]:
         return self._known[(label, str(doc))]
 
-    def _full_round(self, probe, layers, intervention, threshold, result) -> tuple[RoundOutcome, dict]:
-        """Every layer (this rank's share) on every probe doc, doc by doc. While every doc so far has a
-        perfect base score the baseline may be perfect, which skips the layers: those docs' variants
-        wait until a doc with an imperfect base score appears."""
+    def _full_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
+        """Every layer (this rank's share) on every probe doc, doc by doc. With `skip_if_perfect`, while
+        every doc so far has a perfect base score the baseline may be perfect, which skips the layers:
+        those docs' variants wait until a doc with an imperfect base score appears."""
         knockouts = [Knockout((layer,), intervention) for layer in self.ranks.share(layers)]
         base: dict = {}
         rows: dict[str, dict] = {k.label: {} for k in knockouts}
-        waiting = threshold >= 0
+        waiting = skip_if_perfect
         deferred: list = []
 
         def keep(doc, scores):
@@ -288,19 +346,20 @@ class LayerSweep:
                 for earlier in deferred:
                     keep(earlier, self._doc(earlier, knockouts, result)[1])
         rows = self._merge(base, rows, result)
-        if threshold >= 0 and baseline_is_perfect(mean([base[d] for d in probe])):
-            return decide_round(probe, base, {}, threshold), {}
+        if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
+            return self.rule.decide(probe, base, {}, stream), {}
         layer_scores = {layer: {d: rows[str(layer)][d][0] for d in probe} for layer in layers}
-        return decide_round(probe, base, layer_scores, threshold), {}
+        return self.rule.decide(probe, base, layer_scores, stream), {}
 
-    def _select_round(self, probe, layers, intervention, threshold, result) -> tuple[RoundOutcome, dict]:
+    def _select_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
         """Base scores first (the pruning bounds need the baseline), then the layers doc by doc,
         docs with the lowest base score first: knockouts tend to miss them too, so layers that
-        cannot win are dropped early."""
+        cannot win are dropped early. Only the gain rule is served (see __init__)."""
+        threshold = self.rule.threshold
         base = {doc: self._doc(doc, [], result)[0] for doc in probe}
         self._merge(base, {}, result)
-        if threshold >= 0 and baseline_is_perfect(mean([base[d] for d in probe])):
-            return decide_round(probe, base, {}, threshold), {}
+        if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
+            return self.rule.decide(probe, base, {}, stream), {}
         pruner = LayerPruner(probe, layers, mean([base[d] for d in probe]), threshold)
         for doc in sorted(probe, key=lambda d: base[d]):
             alive = pruner.alive()
@@ -315,7 +374,7 @@ class LayerSweep:
         if not survivors:
             reason = f"no layer can gain more than the threshold {threshold:g}: every candidate was pruned"
             return RoundOutcome(tuple(probe), mean([base[d] for d in probe]), {}, {}, None, reason), pruner.pruned
-        outcome = decide_round(probe, base, {layer: pruner.scores[layer] for layer in survivors}, threshold)
+        outcome = self.rule.decide(probe, base, {layer: pruner.scores[layer] for layer in survivors}, stream)
         return outcome, pruner.pruned
 
     def run(
@@ -323,26 +382,45 @@ class LayerSweep:
         split: ProbeSplit,
         candidate_layers: Sequence[int],
         intervention: str,
-        threshold: float,
-        rounds: int,
+        max_redraws: int = MAX_REDRAWS,
     ) -> SweepResult:
-        """Probe rounds until a layer clears the threshold or the rounds run out."""
+        """Probe rounds as the authors' protocol draws them (lmms_talo.probe) until a layer clears
+        the threshold, or no redraw is left; the rule decides each round."""
+        threshold = self.rule.threshold
         started = time.perf_counter()
         result = SweepResult(tuple(candidate_layers), [], mode=self.mode)
         play = self._select_round if self.mode == "select" else self._full_round
         replaying = self.replay.installed() if self.replay is not None else contextlib.nullcontext()
         with replaying:
             self.ranks.barrier()  # every rank has read the store before any rank appends to it
-            for round_index in range(rounds):
-                probe = split.probe_set(round_index)
-                outcome, pruned = play(probe, list(candidate_layers), intervention, threshold, result)
+            probe_round = split.first_round()
+            while True:
+                result.probe_rounds.append(probe_round)
+                blocker = split.no_redraw(result.probe_rounds, max_redraws)
+                # Round 0 with a perfect baseline is redrawn unswept when a redraw is possible (the
+                # authors); otherwise a perfect baseline skips the layers only where no layer could
+                # clear the threshold anyway (scores lie in [0, 1]).
+                redraw_if_perfect = probe_round.index == 0 and blocker is None
+                outcome, pruned = play(
+                    list(probe_round.docs), list(candidate_layers), intervention, result,
+                    skip_if_perfect=redraw_if_perfect or threshold >= 0, stream=split.name,
+                )
                 result.rounds.append(outcome)
                 result.pruned.append(pruned)
-                if outcome.selected is not None:
+                if outcome.cleared:
+                    result.stopped = (
+                        f"round {probe_round.index} selected layer {outcome.selected}" if outcome.selected is not None
+                        else f"round {probe_round.index}: a layer's gain cleared the threshold; {outcome.reason}"
+                    )
                     break
+                if blocker is not None:
+                    result.stopped = f"no layer selected; no redraw: {blocker}"
+                    break
+                perfect = redraw_if_perfect and baseline_is_perfect(outcome.baseline)
+                probe_round = split.redraw(result.probe_rounds, perfect)
         if self.replay is not None:
             result.replay = dataclasses.asdict(self.replay.stats)
-        result.doc_scores = _canonical(result, [split.probe_set(i) for i in range(len(result.rounds))])
+        result.doc_scores = _canonical(result, [r.docs for r in result.probe_rounds])
         result.seconds = time.perf_counter() - started
         return result
 

@@ -1,4 +1,4 @@
-"""The analysis (`lmms-talo report`): statistics on hand-built reports with known answers, and the
+"""The analysis (`lmms-talo analyze`): statistics on hand-built reports with known answers, and the
 command end to end on reports written by TaLo runs of a tiny model through the real lmms-eval CLI."""
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from lmms_talo.analysis.agreement import between_runs, intervention_pairs
 from lmms_talo.analysis.clustering import adjusted_rand_index, bootstrap_stability, cluster
 from lmms_talo.analysis.robustness import selection_distribution
 from lmms_talo.analysis.rule_comparison import rule_choices, summarize
-from lmms_talo.analysis.runs import ReportError, load_runs
+from lmms_talo.report_reader import ReportError, load_runs
 from lmms_talo.analysis.transfer import transfer_matrix
 from lmms_talo.config import TaloConfig
 from lmms_talo.report import GroupReport, TaloReport
+from lmms_talo.probe import FIRST_DRAW, ProbeRound
+from lmms_talo.selection import Selection
 from lmms_talo.sweep import SweepResult
 
 # --- hand-built reports -------------------------------------------------------------------------
@@ -42,23 +44,28 @@ def doc_scores_with_gains(gains: dict, n_docs: int) -> tuple[dict, dict]:
 
 def subtask_report(task: str, name: str, base: dict, layers: dict, test_scores: dict | None = None,
                    pool: list | None = None) -> GroupReport:
-    """A GroupReport filled through the adapter's own recording path (swept/scored/scored_variant).
+    """A GroupReport filled through the adapter's own recording path (decided/scored/scored_variant).
     `test_scores`: variant label ('base', '3') -> {doc: score} on test docs."""
     from lmms_talo.rules import make_rule
 
     docs = list(base)
     outcome = make_rule("gain").decide(docs, base, layers, stream=name)
     result = SweepResult(tuple(layers), [outcome], {"base": dict(base), **{str(l): dict(s) for l, s in layers.items()}},
-                         pruned=[{}])
+                         pruned=[{}], probe_rounds=[ProbeRound(0, tuple(docs), FIRST_DRAW)])
     report = GroupReport(task=task, subtask=name, category=name.split("/")[-1], request_type="generate_until",
                          pool=pool or docs, test_doc_count=len(next(iter((test_scores or {"": {}}).values()))))
-    report.swept(result)
+    report.decided(Selection(() if outcome.selected is None else (outcome.selected,), sweep=result))
     if test_scores:
         pool_set = set(report.pool)
-        report.scored("base", test_scores["base"], pool_set)
-        report.scored("talo", test_scores[report.selected_layers and str(report.selected_layers[0]) or "base"], pool_set)
+
+        def scored(scores):  # the task's metric: a mean over the test docs, as `acc` aggregates
+            test = [s for d, s in scores.items() if d not in pool_set]
+            return scores, pool_set, {"acc,none": sum(test) / len(test)}, "acc,none"
+
+        report.scored("base", *scored(test_scores["base"]))
+        report.scored("talo", *scored(test_scores[report.selected_layers and str(report.selected_layers[0]) or "base"]))
         for label, scores in test_scores.items():
-            report.scored_variant(label, scores, pool_set)
+            report.scored_variant(label, *scored(scores))
     return report
 
 
@@ -223,7 +230,7 @@ def test_report_command_writes_every_section_and_figure(tmp_path):
     uniform, _ = planted_run(tmp_path, "uniform")
     transfer = _transfer_run(tmp_path)
     out = tmp_path / "analysis"
-    assert main(["report", zero, uniform, transfer, "-o", str(out), "--resamples", "20"]) == 0
+    assert main(["analyze", zero, uniform, transfer, "-o", str(out), "--resamples", "20"]) == 0
     markdown = (out / "report.md").read_text()
     for heading in ("Results on the test docs", "Task-layer interaction vectors", "Clusters of interaction vectors",
                     "Robustness of the selection", "Cross-task transfer", "Selection rules on the test docs",
@@ -246,17 +253,17 @@ def test_report_command_writes_every_section_and_figure(tmp_path):
 def test_report_command_names_bad_input(tmp_path, capsys):
     from lmms_talo.cli import main
 
-    assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o")]) == 2
+    assert main(["analyze", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
+    assert main(["analyze", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
     assert "holds no talo_report.json" in capsys.readouterr().err
     (tmp_path / "x.json").write_text("{\"results\": {}}")
     with pytest.raises(ReportError, match="not a TaLo report"):
         load_runs([tmp_path / "x.json"])
 
 
-# --- end to end: TaLo runs of a tiny model through the real lmms-eval CLI, then `lmms-talo report` ---
+# --- end to end: TaLo runs of a tiny model through the real lmms-eval CLI, then `lmms-talo analyze` ---
 
 N_PER_CATEGORY = 9
 SHOTS = 3
@@ -352,7 +359,7 @@ def test_report_command_end_to_end_on_tiny_model_runs(tiny_runs, tmp_path):
 
     _, _, reports = tiny_runs
     out = tmp_path / "analysis"
-    assert main(["report", str(reports), "-o", str(out), "--resamples", "30"]) == 0
+    assert main(["analyze", str(reports), "-o", str(out), "--resamples", "30"]) == 0
     markdown = (out / "report.md").read_text()
     for name in CATEGORIES:
         assert f"talo_analysis/{name}" in markdown

@@ -7,7 +7,6 @@ import pytest
 from harness import write_image_task
 from lmms_talo.config import TaloArgumentError, TaloConfig, parse_layers
 from lmms_talo.interventions import InterventionError
-from lmms_talo.probe import ProbeSplitError
 from lmms_talo.subtasks import CategoryFieldError
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
@@ -31,7 +30,7 @@ def test_layer_specs():
         ({"probe_shots": "ten"}, "bad value for model arg probe_shots='ten'"),
         ({"granularity": "doc"}, "granularity must be one of"),
         ({"layers": ";"}, "names no layer"),
-        ({"resample_rounds": "0"}, "resample_rounds must be at least 1"),
+        ({"resample_rounds": "3"}, "resample_rounds was removed"),
         ({"select_rule": "ttest"}, "select_rule='ttest' is unknown: choose one of gain, sign_test, bootstrap"),
         ({"select_alpha": "1.5"}, "select_alpha must lie strictly between 0 and 1"),
         ({"select_resamples": "0"}, "select_resamples must be at least 1"),
@@ -49,7 +48,7 @@ def test_talo_args_are_removed_before_the_base_class():
     kwargs = {"probe_shots": "15", "layers": "2-4", "pretrained": "x", "device": "cpu", "category_field": "cat"}
     config = TaloConfig.pop_from(kwargs)
     assert kwargs == {"pretrained": "x", "device": "cpu"}
-    assert (config.probe_shots, config.layers, config.granularity) == (15, (2, 3, 4), "category")
+    assert (config.probe_shots, config.layers, config.granularity) == (15, (2, 3, 4), "auto")  # auto: category_field makes it per category
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +76,6 @@ def _evaluate(lm, folder, task):
     return simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(folder)), batch_size=1)
 
 
-def test_fewer_docs_than_probe_shots(llava_cls, tiny_model_dir, tmp_path):
-    folder = write_image_task(tmp_path, "talo_small", ["a"] * 8)
-    lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=3,state_dir=none")
-    with pytest.raises(ProbeSplitError, match="'talo_small' has 8 docs, but probe_shots=3 needs at least 9"):
-        _evaluate(lm, folder, "talo_small")
-
-
 def test_missing_category_field(llava_cls, tiny_model_dir, tmp_path):
     folder = write_image_task(tmp_path, "talo_nocat", ["a"] * 12)
     lm = _build(llava_cls, tiny_model_dir("llava"), "probe_shots=2,category_field=subject,state_dir=none")
@@ -106,7 +98,7 @@ def test_category_granularity_without_a_known_field(llava_cls, tiny_model_dir, t
 
 
 def test_failed_generation_in_a_probe_is_an_error_not_a_zero(llava_cls, tiny_model_dir, tmp_path):
-    from lmms_talo.lmms.adapter import GenerationFailed
+    from lmms_talo.mixin import GenerationFailed
 
     folder = write_image_task(tmp_path, "talo_broken", ["a"] * 12)
     yaml = folder / "talo_broken.yaml"

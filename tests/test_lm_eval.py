@@ -205,3 +205,30 @@ def test_hf_causal_lm_rejects_bad_model_args(tiny_model_dir, args, message):
 
     with pytest.raises(ModelArgumentError, match=message):
         CausalLM(pretrained=str(tiny_model_dir("llama")), device="cpu", **args)
+
+
+def test_the_lm_eval_path_imports_no_lmms_eval_module(oracle_tasks, tmp_path):
+    """A TaLo evaluation through lm-eval in a process where `import lmms_eval` fails: the harness seam
+    keeps every lmms-eval import on the lmms-eval side (lmms_talo.harness)."""
+    model_dir, folder = oracle_tasks
+    report = tmp_path / "report.json"
+    args = [
+        "lm-eval", "--model", "talo_hf", "--model_args", f"pretrained={model_dir},{TALO_ARGS},report={report}",
+        "--tasks", "bb_oracle,bb_oracle_gen", "--include_path", str(folder / "lm_eval"),
+        "--output_path", str(tmp_path / "out"), "--batch_size", "4", "--device", "cpu",
+    ]
+    program = (
+        "import sys\n"
+        "sys.modules['lmms_eval'] = None  # any import of lmms_eval or a submodule now raises ImportError\n"
+        "from lmms_talo.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "loaded = sorted(m for m, module in sys.modules.items() if m.startswith('lmms_eval') and module is not None)\n"
+        "assert not loaded, loaded\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert proc.returncode == 0, f"lm-eval without lmms-eval failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    by_task = _by_task(json.loads(report.read_text()))
+    assert by_task["bb_oracle"]["selected_layer"] == ORACLE_LAYER
+    assert by_task["bb_oracle_gen"]["request_type"] == "generate_until"
+    assert sorted((tmp_path / "out").rglob("results_*.json"))

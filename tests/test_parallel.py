@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from harness import cli_env, samples, write_image_task
 from lmms_talo.parallel import Ranks
 from lmms_talo.probe import split_subtask
+from lmms_talo.rules import make_rule
 from lmms_talo.store import ProbeStore
 from lmms_talo.sweep import LayerSweep
 from test_sweep import LAYERS, ScoreTable, random_table
@@ -44,8 +45,9 @@ def _sweep_all(ranks):
     for split, threshold, table in _cases():
         for mode in ("full", "select"):
             model = ScoreTable(table)
-            result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode, ranks=ranks).run(
-                split, LAYERS, "zero", threshold, 3
+            rule = make_rule("gain", threshold=threshold)
+            result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode, ranks=ranks, rule=rule).run(
+                split, LAYERS, "zero", 3
             )
             out.append({"mode": mode, "rounds": [(o.selected, o.layer_scores, o.reason) for o in result.rounds],
                         "doc_scores": result.doc_scores, "ran": sorted({label for label, _ in model.runs} - {"base"})})

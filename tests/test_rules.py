@@ -6,8 +6,10 @@ import pytest
 
 from lmms_talo.config import TaloConfig
 from lmms_talo.rules import bootstrap_indices, make_rule, sign_test_p
-from lmms_talo.select import decide_round
-from lmms_talo.sweep import SweepResult
+from lmms_talo.rules import decide_round
+from lmms_talo.probe import split_subtask
+from lmms_talo.store import ProbeStore
+from lmms_talo.sweep import LayerSweep
 
 DOCS = [str(d) for d in range(20)]
 
@@ -77,13 +79,23 @@ def test_guarded_rules_break_ties_to_the_lowest_layer():
     assert outcome.selected == 2 and outcome.tied_layers == (2, 4) and "tied with layers 4" in outcome.reason
 
 
-def test_apply_redecides_the_sweeps_final_round():
-    docs = list(range(20))  # the sweep keeps the harness's doc ids; per-doc scores are keyed by str
-    round_ = decide_round([str(d) for d in docs], BASE, LAYERS, 0.0)
-    result = SweepResult((1, 2, 3), [round_], {"base": BASE, **{str(l): s for l, s in LAYERS.items()}})
-    result.rounds[-1] = type(round_)(tuple(docs), round_.baseline, round_.layer_scores, round_.gains, 2, round_.reason)
-    make_rule("sign_test").apply(result, "t")
-    assert result.selected == 3 and result.final.probe_docs == tuple(docs)
+def test_the_sweep_asks_its_rule_which_is_the_only_decider():
+    split = split_subtask("t", list(range(60)), 20, seed=0)  # pool = 20 docs: round 0 probes all of them
+    position = {doc: str(i) for i, doc in enumerate(split.pool_units)}
+    tables = {"base": BASE, **{str(l): s for l, s in LAYERS.items()}}
+
+    def answer(knockout, docs):
+        return {d: [knockout.label if knockout else "base"] for d in docs}
+
+    def score(doc, responses):
+        return tables[responses[0]][position[doc]]
+
+    def run(rule):
+        return LayerSweep(answer, score, ProbeStore(None, {}), rule=rule).run(split, tuple(LAYERS), "zero", 0)
+
+    assert run(make_rule("gain")).selected == 2
+    guarded = run(make_rule("sign_test"))
+    assert guarded.selected == 3 and guarded.final.evidence == {1: 0.75, 2: 299 / 4096, 3: 1 / 32}
 
 
 def test_transfer_modes_score_the_base_model_too():

@@ -9,7 +9,7 @@ import pytest
 
 from harness import write_image_task
 from lmms_talo.probe import split_subtask
-from lmms_talo.select import baseline_is_perfect, decide_round, mean
+from lmms_talo.rules import baseline_is_perfect, decide_round, make_rule, mean
 from lmms_talo.store import ProbeStore
 from lmms_talo.sweep import LayerPruner, LayerSweep, SweepModeError
 from tiny_models import LMMS_EVAL_MODEL_ARGS
@@ -34,19 +34,22 @@ class ScoreTable:
         return float(responses[0])
 
 
-def reference_rounds(table, split, threshold, rounds):
-    """The protocol as the design card (../shared/DESIGN.md) states it: all layers on all probe docs, decide, redraw if nothing helps."""
-    outcomes = []
-    for round_index in range(rounds):
-        probe = split.probe_set(round_index)
+def reference_rounds(table, split, threshold, max_redraws):
+    """The protocol as the README's *Probe protocol* section states it: all layers on all probe docs,
+    decide, redraw if nothing helps; a perfect round 0 is redrawn unswept when a redraw is possible."""
+    outcomes, drawn = [], [split.first_round()]
+    while True:
+        probe = list(drawn[-1].docs)
         base = {d: table["base"][d] for d in probe}
+        perfect = baseline_is_perfect(mean(list(base.values())))
+        can_redraw = split.no_redraw(drawn, max_redraws) is None
         layers = {}
-        if not (baseline_is_perfect(mean(list(base.values()))) and threshold >= 0):
+        if not (perfect and (threshold >= 0 or (len(drawn) == 1 and can_redraw))):
             layers = {l: {d: table[str(l)][d] for d in probe} for l in LAYERS}
         outcomes.append(decide_round(probe, base, layers, threshold))
-        if outcomes[-1].selected is not None:
-            break
-    return outcomes
+        if outcomes[-1].selected is not None or not can_redraw:
+            return outcomes
+        drawn.append(split.redraw(drawn, perfect and len(drawn) == 1))
 
 
 def random_table(rng, n_docs):
@@ -65,11 +68,10 @@ def random_table(rng, n_docs):
     return {label: {d: float(values[i, d]) for d in range(n_docs)} for i, label in enumerate(labels)}
 
 
-def sweep(table, mode, split, threshold, rounds=3):
+def sweep(table, mode, split, threshold, max_redraws=2):
     model = ScoreTable(table)
-    result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode).run(
-        split, LAYERS, "zero", threshold, rounds
-    )
+    rule = make_rule("gain", threshold=threshold)
+    result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode, rule=rule).run(split, LAYERS, "zero", max_redraws)
     return result, model
 
 
@@ -86,7 +88,7 @@ def test_select_mode_picks_the_full_sweeps_layer(seed):
         full, full_model = sweep(table, "full", split, threshold)
         select, select_model = sweep(table, "select", split, threshold)
 
-        assert full.rounds == reference_rounds(table, split, threshold, 3)
+        assert full.rounds == reference_rounds(table, split, threshold, 2)
         assert [o.selected for o in select.rounds] == [o.selected for o in full.rounds]
         assert len(select_model.runs) <= len(full_model.runs)
         for outcome, pruned in zip(select.rounds, select.pruned):
@@ -101,7 +103,7 @@ def test_pruning_saves_passes_and_says_where():
     dropped after those docs, and only layer 3 is scored on the whole probe set."""
     docs = list(range(30))
     split = split_subtask("t", docs, 10, seed=0)
-    probe = split.probe_set(0)
+    probe = split.first_round().docs
     base = {d: float(i % 2) for i, d in enumerate(sorted(docs))}
     table = {"base": base}
     for layer in LAYERS:
@@ -151,7 +153,7 @@ def test_a_perfect_baseline_sweeps_no_layer_in_either_mode():
     split = split_subtask("t", docs, 4, seed=0)
     table = {"base": {d: 1.0 for d in docs}, **{str(l): {d: 1.0 for d in docs} for l in LAYERS}}
     for mode in ("full", "select"):
-        result, model = sweep(table, mode, split, 0.0, rounds=2)
+        result, model = sweep(table, mode, split, 0.0, max_redraws=1)
         assert result.selected is None
         assert {label for label, _ in model.runs} == {"base"}
         assert result.final.reason == "baseline already perfect on the probe set"

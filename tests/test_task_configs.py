@@ -23,7 +23,7 @@ import benchmark_fixtures as fixtures
 from harness import cli_env, run_lmms_eval, samples
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
-from lmms_talo import run_state, taskpool
+from lmms_talo import evaluation_scope, pool_exclusion
 from lmms_talo.probe import pool_size, split_subtask
 from lmms_talo.task_configs import benchmarks as B
 from lmms_talo.task_configs import generate
@@ -137,56 +137,55 @@ def test_subtask_docs_select_and_mark(fixture_data):
     dataset = datasets.load_dataset("parquet", data_files=str(fixture_data["mmstar"]), split="train")
     docs = B.talo_mmstar_math(dataset)
     assert len(docs) == N and set(docs["category"]) == {"math"}
-    marks = docs[taskpool.MARK]
+    marks = docs[pool_exclusion.MARK]
     assert [m["index"] for m in marks] == list(range(N))
     assert [m["stratum"] for m in marks] == docs["l2_category"]
     assert {m["subtask"] for m in marks} == {"talo_mmstar_math"}
 
     mmmu = datasets.load_dataset("parquet", data_files=str(fixture_data["mmmu_val"]), split="train")
     science = B.talo_mmmu_val_discipline_science(mmmu)  # Math and Physics are Science subjects
-    assert len(science) == N + 4 and {m["stratum"] for m in science[taskpool.MARK]} == {"Math", "Physics"}
-    with pytest.raises(taskpool.TaskProtocolError, match="no doc of the dataset has category in .'logical reasoning'."):
+    assert len(science) == N + 4 and {m["stratum"] for m in science[pool_exclusion.MARK]} == {"Math", "Physics"}
+    with pytest.raises(pool_exclusion.TaskProtocolError, match="no doc of the dataset has category in .'logical reasoning'."):
         B.talo_mmstar_logical_reasoning(dataset)
 
 
 @pytest.mark.parametrize("shots", [10, 15, 20])
 def test_shots_resolve_to_the_papers_pools(monkeypatch, shots):
     """LMMS_TALO_SHOTS picks 10/15/20 shots; the pool the task excludes is min(n // 3, 4k), stratified."""
-    monkeypatch.setenv(taskpool.SHOTS_ENV, str(shots))
-    monkeypatch.delenv(taskpool.SEED_ENV, raising=False)
-    monkeypatch.setattr(run_state, "SPLITS", {})
-    expected = taskpool.expected_protocol()
-    assert (expected.shots, expected.seed) == (shots, 0) and taskpool.SHOTS_ENV in expected.source
+    monkeypatch.setenv(pool_exclusion.SHOTS_ENV, str(shots))
+    monkeypatch.delenv(pool_exclusion.SEED_ENV, raising=False)
+    expected = pool_exclusion.expected_protocol()
+    assert (expected.shots, expected.seed) == (shots, 0) and pool_exclusion.SHOTS_ENV in expected.source
     n = 240
     marks = [{"subtask": "talo_x", "index": i, "stratum": "ab"[i % 2]} for i in range(n)]
-    split = taskpool.split_for("talo_x", marks)
+    split = pool_exclusion.split_for("talo_x", marks)
     assert len(split.pool) == pool_size(n, shots) == min(n // 3, 4 * shots)
     assert split == split_subtask("talo_x", list(range(n)), shots, 0, ["ab"[i % 2] for i in range(n)])
     assert sum(i % 2 for i in split.pool) == len(split.pool) // 2  # stratified: half from each stratum
-    records = [{"score": float(i % 3 == 0), taskpool.MARK: m} for i, m in enumerate(marks)]
-    kept, _ = taskpool.records_outside_pool(records)
-    assert len(kept) == n - len(split.pool) and all(taskpool.MARK not in r for r in kept)
+    records = [{"score": float(i % 3 == 0), pool_exclusion.MARK: m} for i, m in enumerate(marks)]
+    kept, _ = pool_exclusion.records_outside_pool(records)
+    assert len(kept) == n - len(split.pool) and all(pool_exclusion.MARK not in r for r in kept)
 
 
 def test_mismatched_split_fails_clearly(monkeypatch):
-    monkeypatch.delenv(taskpool.SHOTS_ENV, raising=False)
-    monkeypatch.delenv(taskpool.SEED_ENV, raising=False)
-    monkeypatch.setattr(run_state, "SPLITS", {})
+    monkeypatch.delenv(pool_exclusion.SHOTS_ENV, raising=False)
+    monkeypatch.delenv(pool_exclusion.SEED_ENV, raising=False)
     marks = [{"subtask": "talo_x", "index": i, "stratum": None} for i in range(90)]
-    run_state.publish(split_subtask("talo_x", list(range(90)), 15, 0))
-    aggregate = taskpool.aggregate_test_docs(lambda records: sum(records) / len(records))
-    scores = [taskpool.MarkedScore(1.0, m) for m in marks]
-    with pytest.raises(taskpool.TaskProtocolError, match=r"probe_shots=15, seed=0.*expects shots=10, seed=0.*LMMS_TALO_SHOTS=15"):
-        aggregate(scores)
-    monkeypatch.setenv(taskpool.SHOTS_ENV, "15")  # the override: now the task expects 15 shots
-    assert aggregate(scores) == 1.0
-    monkeypatch.setenv(taskpool.SEED_ENV, "1")
-    with pytest.raises(taskpool.TaskProtocolError, match="seed=0.*expects shots=15, seed=1"):
-        aggregate(scores)
-    monkeypatch.setattr(run_state, "SPLITS", {})
-    run_state.publish(split_subtask("talo_x/cat", list(range(90)), 15, 1))
-    with pytest.raises(taskpool.TaskProtocolError, match="granularity=task"):
-        aggregate(scores)
+    aggregate = pool_exclusion.aggregate_test_docs(lambda records: sum(records) / len(records))
+    scores = [pool_exclusion.MarkedScore(1.0, m) for m in marks]
+    with evaluation_scope.evaluation({}):
+        evaluation_scope.publish(split_subtask("talo_x", list(range(90)), 15, 0))
+        with pytest.raises(pool_exclusion.TaskProtocolError, match=r"probe_shots=15, seed=0.*expects shots=10, seed=0.*LMMS_TALO_SHOTS=15"):
+            aggregate(scores)
+        monkeypatch.setenv(pool_exclusion.SHOTS_ENV, "15")  # the override: now the task expects 15 shots
+        assert aggregate(scores) == 1.0
+        monkeypatch.setenv(pool_exclusion.SEED_ENV, "1")
+        with pytest.raises(pool_exclusion.TaskProtocolError, match="seed=0.*expects shots=15, seed=1"):
+            aggregate(scores)
+    with evaluation_scope.evaluation({}):
+        evaluation_scope.publish(split_subtask("talo_x/cat", list(range(90)), 15, 1))
+        with pytest.raises(pool_exclusion.TaskProtocolError, match=r"granularity=auto \(the default\) or task"):
+            aggregate(scores)
 
 
 # --- discoverable ---
@@ -222,16 +221,19 @@ def test_tasks_lists_categories_and_sizes(fixture_data):
 
 
 def test_wheel_ships_and_finds_the_configs(tmp_path):
-    wheels, target = tmp_path / "whl", tmp_path / "site"
-    root = Path(__file__).resolve().parent.parent
+    wheels, target, root = tmp_path / "whl", tmp_path / "site", tmp_path / "src"
+    junk = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache")
+    shutil.copytree(Path(__file__).resolve().parent.parent, root, ignore=junk)  # the build leaves no build/ in the repo
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(root)], check=True, timeout=600)
+    build = subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(root)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "warning" not in (build.stdout + build.stderr).lower(), "the wheel build must be quiet (license, data folders)"
     (wheel,) = wheels.glob("lmms_talo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for bench in B.BENCHMARKS:
         assert f"lmms_talo/task_configs/{bench.folder}/_{bench.group}.yaml" in names
     assert {"lmms_talo/task_configs/__init__.py", "lmms_talo/task_configs/benchmarks.py",
-            "lmms_talo/task_configs/generate.py", "lmms_talo/taskpool.py"} <= names
+            "lmms_talo/task_configs/generate.py", "lmms_talo/pool_exclusion.py"} <= names
     subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, timeout=600)
     probe = (
         "from lmms_talo.task_configs.generate import bundled_folder; f = bundled_folder(); "
@@ -256,18 +258,18 @@ def talo_run(tmp_path_factory, fixture_data, letter_model):
     report_path = tmp / "talo_report.json"
     args = (f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots={SHOTS},compare_base=true,"
             f"report={report_path},state_dir=none")
-    os.environ[taskpool.SHOTS_ENV] = str(SHOTS)  # the tasks expect the same shots: cli_env() copies os.environ
+    os.environ[pool_exclusion.SHOTS_ENV] = str(SHOTS)  # the tasks expect the same shots: cli_env() copies os.environ
     try:
         results, proc = run_lmms_eval("talo_llava", args, ",".join(RUN_TASKS), configs, tmp / "out",
                                       "--force_simple", "--gen_kwargs", "max_new_tokens=1")
     finally:
-        del os.environ[taskpool.SHOTS_ENV]
+        del os.environ[pool_exclusion.SHOTS_ENV]
     report = {g["subtask"]: g for g in json.loads(report_path.read_text())["subtasks"]}
     return results, report, tmp / "out"
 
 
 def _builtin_on_docs(bench, records: list) -> float:
-    return B._builtin(bench.aggregation)([taskpool._unmarked(r) for r in records])
+    return B._builtin(bench.aggregation)([pool_exclusion._unmarked(r) for r in records])
 
 
 def _records(out: Path, task: str, metric: str) -> dict[int, object]:
@@ -299,14 +301,15 @@ def test_talo_run_excludes_each_subtasks_pool(talo_run):
         n = 28 if task == "talo_mmmu_val_discipline_science" else N
         assert group["candidate_layers"] == [1, 2, 3] and "selected_layer" in group and group["selection_reason"]
         pool = {int(d) for d in group["pool"]}
-        assert len(pool) == pool_size(n, SHOTS) and set(group["probe_docs"]) <= pool
+        probe_docs = {int(d) for u in group["probe_docs"] for d in group["unit_docs"].get(str(u), [u])}
+        assert len(pool) == pool_size(n, SHOTS) and probe_docs <= pool  # MMBench: 4 of 12 questions, 2 rows each
         assert group["test"]["talo"]["n"] == group["test"]["base"]["n"] == n - len(pool) == group["test_doc_count"]
         assert group["test_difference"] == pytest.approx(group["test"]["talo"]["score"] - group["test"]["base"]["score"])
 
         records = _records(out, task, bench.metric)
         assert sorted(records) == list(range(n))
         if isinstance(records[0], dict):  # the mark travels on the record: its index is lmms-eval's doc_id
-            assert all(r[taskpool.MARK]["index"] == doc and r[taskpool.MARK]["subtask"] == task for doc, r in records.items())
+            assert all(r[pool_exclusion.MARK]["index"] == doc and r[pool_exclusion.MARK]["subtask"] == task for doc, r in records.items())
         aggregate = results["results"][task][f"{bench.metric},none"]
         test_records = [r for doc, r in records.items() if doc not in pool]
         assert aggregate == pytest.approx(_builtin_on_docs(bench, test_records))
@@ -325,12 +328,31 @@ def test_talo_run_excludes_each_subtasks_pool(talo_run):
     assert {g["selected_layer"] for g in report.values()} - {None}, "some sub-task should select a layer"
 
 
+def test_report_test_score_is_lmms_evals_printed_metric_exactly(talo_run):
+    """For each of the five benchmarks the report's test.talo.score is, bit for bit, the figure lmms-eval
+    prints for the talo_* task (its own aggregation over the test docs); the per-doc mean sits beside it."""
+    results, report, _ = talo_run
+    benchmark_way = 0
+    for task, bench in RUN_TASKS.items():
+        key = f"{bench.metric},none"
+        talo, base = report[task]["test"]["talo"], report[task]["test"]["base"]
+        printed = results["results"][task][key]
+        assert (talo["metric"], talo["score"], talo["metrics"][key]) == (key, printed, printed), task
+        assert isinstance(base["score"], float) and report[task]["test_difference"] == talo["score"] - base["score"]
+        pool = {str(d) for d in report[task]["pool"]}
+        test_scores = [s for d, s in talo["doc_scores"].items() if d not in pool]
+        assert talo["doc_mean"] == pytest.approx(sum(test_scores) / len(test_scores))
+        assert report[task]["test_difference_doc_mean"] == pytest.approx(talo["doc_mean"] - base["doc_mean"])
+        benchmark_way += talo["score"] != pytest.approx(talo["doc_mean"]) and talo["score"] != pytest.approx(100 * talo["doc_mean"])
+    assert benchmark_way, "MMStar's l2 mean / MMBench's circular rule must differ from the per-doc mean somewhere"
+
+
 def test_plain_model_scores_the_same_test_set(talo_run, letter_model, tmp_path, fixture_data):
     """Without a TaLo model the tasks recompute the split: the same pools the adapter probed, via `lmms-talo eval`."""
     _, report, _ = talo_run
     tasks = ["talo_mmstar_math", "talo_seedbench_instances_counting", "talo_mmmu_val_discipline_science"]
     out = tmp_path / "out"
-    env = {**cli_env(), taskpool.SHOTS_ENV: str(SHOTS)}
+    env = {**cli_env(), pool_exclusion.SHOTS_ENV: str(SHOTS)}
     proc = _lmms_talo(
         "eval", *[a.replace("--data", "--talo_data") for a in _data_args(fixture_data, "mmstar", "seedbench", "mmmu_val")],
         "--model", "llava_hf", "--force_simple", "--model_args", f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']}",
@@ -352,7 +374,7 @@ def test_plain_model_scores_the_same_test_set(talo_run, letter_model, tmp_path, 
 
 
 def test_mismatched_shots_stop_the_run_before_probing(tmp_path, fixture_data, letter_model):
-    env = {**cli_env(), taskpool.SHOTS_ENV: str(SHOTS)}
+    env = {**cli_env(), pool_exclusion.SHOTS_ENV: str(SHOTS)}
     proc = _lmms_talo(
         "eval", "--talo_data", f"seedbench={fixture_data['seedbench']}", "--model", "talo_llava", "--force_simple",
         "--model_args", f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=4,state_dir=none,"

@@ -1,4 +1,4 @@
-"""Offline analysis of TaLo reports (`lmms-talo report`): everything is recomputed from the per-doc
+"""Offline analysis of TaLo reports (`lmms-talo analyze`): everything is recomputed from the per-doc
 records in talo_report.json, never from the model.
 
 runs             reading reports; per-sub-task access to gains, test scores and rule decisions

@@ -10,7 +10,7 @@ from itertools import combinations
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from .runs import Run
+from ..report_reader import Run
 
 
 @dataclass

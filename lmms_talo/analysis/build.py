@@ -17,13 +17,13 @@ from .clustering import bootstrap_stability, cluster
 from .document import Document
 from .robustness import selection_distribution
 from .rule_comparison import rule_choices, summarize
-from .runs import Run, label_of, load_runs
+from ..report_reader import Run, doc_mean, label_of, load_runs
 from .tables import paper_table
 from .transfer import transfer_matrix
 
 
 @dataclass(frozen=True)
-class ReportOptions:
+class AnalysisOptions:
     clusters: int = 3  # flat clusters cut from the dendrogram
     resamples: int = 200  # bootstrap resamples of the probe docs (cluster stability, selection robustness)
     seed: int = 0
@@ -57,8 +57,8 @@ def nanmean_of(values: list) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-class ReportBuilder:
-    def __init__(self, runs: list[Run], out: Path, options: ReportOptions):
+class AnalysisBuilder:
+    def __init__(self, runs: list[Run], out: Path, options: AnalysisOptions):
         self.runs = runs
         self.out = out
         self.options = options
@@ -95,7 +95,7 @@ class ReportBuilder:
         for run in self.runs:
             subs = run.subtasks
             base = [s.test_score("base") for s in subs]
-            talo = [s.data.get("test", {}).get("talo", {}).get("score") for s in subs]
+            talo = [doc_mean(s.data.get("test", {}).get("talo")) for s in subs]
             difference = None if missing(mean_of(base)) or missing(mean_of(talo)) else mean_of(talo) - mean_of(base)
             rows.append([
                 run.key, run.label, str(run.path), str(len(subs)),
@@ -335,13 +335,13 @@ class ReportBuilder:
                                               "pearson": result.pearson, "spearman": result.spearman})
 
 
-def write_report(paths: list, out: Path, options: ReportOptions = ReportOptions()) -> Path:
+def write_analysis(paths: list, out: Path, options: AnalysisOptions = AnalysisOptions()) -> Path:
     """Analyse the TaLo reports at `paths` into the folder `out`; returns the Markdown file."""
     runs = load_runs(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous_figures(out)
-    builder = ReportBuilder(runs, out, options)
+    builder = AnalysisBuilder(runs, out, options)
     builder.build()
     builder.numbers["figures"] = [block[1].name for block in builder.doc.blocks if block[0] == "figure"]
     (out / "report.md").write_text(builder.doc.to_markdown())

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..rules import SelectionRule, bootstrap_indices
-from .runs import Subtask
+from ..report_reader import Subtask
 
 NONE = "none"
 

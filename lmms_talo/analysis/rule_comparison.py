@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rules import RULES
-from .runs import Run
+from ..report_reader import Run
 
 
 @dataclass

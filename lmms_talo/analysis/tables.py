@@ -1,12 +1,13 @@
 """The paper-style results table: per sub-task base and TaLo scores on the test docs, the difference,
 the selected layer(s); per task (and over all tasks) the mean over the sub-tasks (macro) and over all
-their test docs (micro)."""
+their test docs (micro). Scores are per-doc means (runs.doc_mean), so that docs can be pooled; the
+benchmark's own metric per sub-task is the report's test.*.score."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runs import Run, Subtask
+from ..report_reader import Run, Subtask, doc_mean
 
 
 @dataclass
@@ -32,9 +33,9 @@ def _micro(subs: list[Subtask], which: str) -> float | None:
     total = weight = 0.0
     for sub in subs:
         entry = _test_entry(sub, which)
-        if entry.get("score") is None:
+        if doc_mean(entry) is None:
             return None
-        total += entry["score"] * entry["n"]
+        total += doc_mean(entry) * entry["n"]
         weight += entry["n"]
     return total / weight if weight else None
 
@@ -46,7 +47,7 @@ def _macro(values: list[float | None]) -> float | None:
 def subtask_row(sub: Subtask) -> Row:
     talo = _test_entry(sub, "talo")
     label = sub.selected_label
-    return Row(sub.task, sub.name, talo.get("n", 0), _test_entry(sub, "base").get("score"), talo.get("score"),
+    return Row(sub.task, sub.name, talo.get("n", 0), doc_mean(_test_entry(sub, "base")), doc_mean(talo),
                "-" if label == "base" else label)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runs import Run
+from ..report_reader import Run
 
 
 @dataclass

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run TaLo through lmms-eval (talo_huggingface) or lm-eval (talo_hf); default lmms-eval")
     parser.add_argument("--probe-shots", type=int, default=DEFAULT_SHOTS, help="probe docs per task (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="probe-set draws per task when no layer gains (TaLo's resample_rounds; the paper: 5; default %(default)s)")
+                        help="probe rounds per task at most (TaLo's max_redraws + 1; the authors' code: 6; default %(default)s)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="harness processes run in parallel, the tasks dealt among them (default: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1)")

@@ -21,11 +21,11 @@ def output_path(argv: list[str]) -> str | None:
 def run(argv: list[str]) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    from ..lm_eval import capture
+    from ..lm_eval import harness
     from ..lm_eval.model import register
 
     register()
-    capture.set_output_path(output_path(argv))
+    harness.set_output_path(output_path(argv))
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:

@@ -53,7 +53,7 @@ def _load(bench, local: str | None):
 
 def _counts(bench, dataset) -> Counter:
     from ..subtasks import field_value
-    from ..taskpool import without_media
+    from ..pool_exclusion import without_media
 
     return Counter(str(field_value(doc, bench.field, bench.group)) for doc in without_media(dataset))
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..report_reader import run_of
 from ..store import default_state_dir
 from . import bigbench, smollm2, summary
 
@@ -91,7 +92,7 @@ def prepare(cache: Path, tasks: list[DemoTask], say: Callable[[str], None]) -> P
 def harness_command(harness: str, model: Path, tasks_dir: Path, names: list[str], output: Path, shots: int,
                     rounds: int, state_dir: Path, report: Path) -> list[str]:
     """The command line of one harness run over `names` (the same TaLo args under both harnesses)."""
-    talo_args = f"probe_shots={shots},resample_rounds={rounds},compare_base=true,state_dir={state_dir},report={report}"
+    talo_args = f"probe_shots={shots},max_redraws={rounds - 1},compare_base=true,state_dir={state_dir},report={report}"
     if harness == "lmms-eval":
         return [
             sys.executable, "-m", "lmms_eval", "--model", "talo_huggingface", "--force_simple",
@@ -235,9 +236,10 @@ def main(
     report = merge_reports(parts, [t.name for t in prepared.converted])
     report_path = out / "talo_report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    rows = summary.rows_of(report, chances_of(prepared))
+    run = run_of(report, report_path)
+    rows = summary.rows_of(run, chances_of(prepared))
     text = summary.table(rows)
-    png = summary.heatmap(report, out / "interaction_heatmap.png", f"TaLo on SmolLM2-135M-Instruct ({harness})")
+    png = summary.heatmap(run, out / "interaction_heatmap.png", f"TaLo on SmolLM2-135M-Instruct ({harness})")
     wall = time.perf_counter() - started
     footer = (
         f"base / TaLo: accuracy on the test docs (the probe pool excluded); chance: a uniformly random option; "

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..report_reader import Run
+
 Z95 = 1.959963984540054
 
 
@@ -46,35 +48,34 @@ class TaskRow:
     reason: str
 
 
-def rows_of(report: dict, chances: dict[str, dict[str, float]]) -> list[TaskRow]:
+def rows_of(run: Run, chances: dict[str, dict[str, float]]) -> list[TaskRow]:
     """One row per sub-task; `chances[task][doc id]` is the chance level of each doc (1 / options)."""
     rows = []
-    for group in report["subtasks"]:
-        pool = {str(d) for d in group["pool"]}
-        base = group["test"].get("base", {})
-        talo = group["test"].get("talo", {})
+    for sub in run.subtasks:
+        pool = set(sub.pool)
+        base, talo = sub.test("base"), sub.test("talo")
         test_docs = [d for d in (base.get("doc_scores") or talo.get("doc_scores") or {}) if d not in pool]
-        per_doc = chances.get(group["task"], {})
+        per_doc = chances.get(sub.task, {})
         chance = float(np.mean([per_doc[d] for d in test_docs])) if test_docs and per_doc else math.nan
         n = base.get("n") or 0
-        base_score = base.get("score")
-        layer = group.get("selected_layer")
+        base_score = base.get("doc_mean")  # a proportion (the demo's tasks aggregate by mean: the same as score)
+        layer = sub.selected_layer
         rows.append(
             TaskRow(
-                task=group["subtask"],
-                request_type=group["request_type"],
+                task=sub.name,
+                request_type=sub.request_type,
                 test_n=n,
                 chance=chance,
                 base=base_score,
                 base_ci=wilson_interval(base_score * n, n) if base_score is not None else (math.nan, math.nan),
                 layer=layer,
-                probe_gain=group["interaction_vector"].get(str(layer)) if layer is not None else None,
-                probe_base=group["rounds"][-1]["baseline"] if group.get("rounds") else None,
-                talo=talo.get("score"),
-                difference=group.get("test_difference"),
-                seconds=group.get("sweep_seconds", 0.0) + group.get("eval_seconds", 0.0),
-                peak_rss_mb=group.get("memory", {}).get("peak_rss_mb"),
-                reason=group.get("selection_reason", ""),
+                probe_gain=sub.interaction_vector.get(layer) if layer is not None else None,
+                probe_base=sub.final_baseline,
+                talo=talo.get("doc_mean"),
+                difference=sub.test_difference_doc_mean,
+                seconds=sub.seconds,
+                peak_rss_mb=sub.memory.get("peak_rss_mb"),
+                reason=sub.selection_reason,
             )
         )
     return rows
@@ -103,20 +104,19 @@ def table(rows: list[TaskRow]) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *(fmt(line) for line in lines)])
 
 
-def heatmap(report: dict, path: Path, title: str) -> Path:
+def heatmap(run: Run, path: Path, title: str) -> Path:
     """Tasks x candidate layers, colour = probe gain (diverging, centred on 0), selected layer boxed."""
     from ..analysis.figures import interaction_heatmap
 
-    groups = [g for g in report["subtasks"] if g.get("interaction_vector")]
-    layers = sorted({int(layer) for g in groups for layer in g["interaction_vector"]})
-    gains = np.full((len(groups), len(layers)), np.nan)
+    subs = [s for s in run.subtasks if s.interaction_vector]
+    layers = sorted({layer for s in subs for layer in s.interaction_vector})
+    gains = np.full((len(subs), len(layers)), np.nan)
     selected = []
-    for row, group in enumerate(groups):
-        for layer, gain in group["interaction_vector"].items():
-            gains[row, layers.index(int(layer))] = gain
-        layer = group.get("selected_layer")
-        selected.append(layers.index(layer) if layer in layers else None)
-    return interaction_heatmap(gains, [g["subtask"] for g in groups], layers, selected, title, path)
+    for row, sub in enumerate(subs):
+        for layer, gain in sub.interaction_vector.items():
+            gains[row, layers.index(layer)] = gain
+        selected.append(layers.index(sub.selected_layer) if sub.selected_layer in layers else None)
+    return interaction_heatmap(gains, [s.name for s in subs], layers, selected, title, path)
 
 
 def load_report(path: Path) -> dict:

@@ -2,8 +2,8 @@
 
 It is the same TaloMixin the lmms-eval models use: the same grouping, probe split, sweep,
 selection, scoring (the task's own filters and process_results) and report. Only the harness
-hooks differ: lm-eval's Task objects come from lmms_talo.lm_eval.capture, and HFLM's own
-`loglikelihood` / `generate_until` do every forward pass.
+object differs (lmms_talo.lm_eval.harness: lm-eval's Task objects, its Instances), and HFLM's own
+`loglikelihood` / `generate_until` do every forward pass. Nothing on this path imports lmms-eval.
 
 lm-eval has no plugin hook: `register()` adds `talo_hf` to lm-eval's model registry in this
 process; `lmms-talo lm-eval ...` calls it and then runs lm-eval's own CLI.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from lm_eval.models.huggingface import HFLM
 
-from ..lmms.adapter import TaloMixin
-from . import capture
+from ..mixin import TaloMixin
+from .harness import LM_EVAL
 
 MODEL_NAME = "talo_hf"
 
@@ -22,9 +22,7 @@ MODEL_NAME = "talo_hf"
 class TaloHFLM(TaloMixin, HFLM):
     """`--model talo_hf --model_args pretrained=...,probe_shots=10,...` (HFLM's args plus TaLo's)."""
 
-    def __init__(self, **kwargs):
-        capture.install()
-        super().__init__(**kwargs)
+    talo_harness = LM_EVAL
 
 
 def register() -> None:

@@ -6,9 +6,14 @@ every likelihood-scored task (seedbench_ppl, any multiple_choice task) fails. Th
 images to both calls and compares each continuation token with the argmax of the logits at the
 position before it (the original is off by one); the prompt format and the returned (mean loss, is_greedy) convention are
 lmms-eval's own, so multiple_choice tasks score exactly as lmms-eval intends.
+
+lmms-eval 0.7.3's evaluator turns every loglikelihood result into a string (`unwrap_output` below
+keeps it); that repair is applied for the duration of a TaLo model's evaluation only.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -46,20 +51,26 @@ class LlavaHfLoglikelihood:
 BASE_FIXES = {"llava_hf": LlavaHfLoglikelihood}
 
 
-def keep_loglikelihood_outputs() -> None:
-    """lmms-eval 0.7.3's evaluator passes every response through unwrap_generation_output, which
-    turns a loglikelihood result `(loss, is_greedy)` into its string, so multiple_choice scoring then
-    fails for every model. Loglikelihood tuples pass through unchanged; all else is as before."""
+def unwrap_output(output):
+    """lmms-eval's unwrap_generation_output, except that a loglikelihood result `(loss, is_greedy)`
+    passes through unchanged: lmms-eval 0.7.3's own turns it into its string, so multiple_choice
+    scoring then fails for every model."""
+    from lmms_eval.api.instance import unwrap_generation_output
+
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], bool) and not isinstance(output[0], str):
+        return output, None
+    return unwrap_generation_output(output)
+
+
+@contextlib.contextmanager
+def loglikelihood_outputs_kept():
+    """lmms-eval's evaluator unwraps responses with `unwrap_output` while the block runs (one TaLo
+    evaluation, lmms_talo.lmms.harness), and with its own again afterwards."""
     import lmms_eval.evaluator as evaluator
 
     original = evaluator.unwrap_generation_output
-    if getattr(original, "__talo_wrapped__", False):
-        return
-
-    def unwrap_generation_output(output):
-        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], bool) and not isinstance(output[0], str):
-            return output, None
-        return original(output)
-
-    unwrap_generation_output.__talo_wrapped__ = True
-    evaluator.unwrap_generation_output = unwrap_generation_output
+    evaluator.unwrap_generation_output = unwrap_output
+    try:
+        yield
+    finally:
+        evaluator.unwrap_generation_output = original

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from lmms_eval.api.model import lmms
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from ..config import parse_bool
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -36,12 +38,10 @@ class ModelArgumentError(ValueError):
 
 
 def _as_bool(value) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ModelArgumentError(f"expected true or false, got {value!r}")
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise ModelArgumentError(str(exc)) from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

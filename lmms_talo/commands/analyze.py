@@ -1,4 +1,4 @@
-"""`lmms-talo report RUN...`: the analysis report (tables, paper-style figures, statistics) of TaLo runs."""
+"""`lmms-talo analyze RUN...`: the analysis (tables, paper-style figures, statistics) of TaLo runs."""
 
 from __future__ import annotations
 
@@ -19,20 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.build import ReportOptions, write_report
-    from ..analysis.runs import ReportError
+    from ..analysis.build import AnalysisOptions, write_analysis
+    from ..report_reader import ReportError
 
     if args.clusters < 2:
-        print("lmms-talo report: --clusters must be at least 2", file=sys.stderr)
+        print("lmms-talo analyze: --clusters must be at least 2", file=sys.stderr)
         return 2
     if args.resamples < 1:
-        print("lmms-talo report: --resamples must be at least 1", file=sys.stderr)
+        print("lmms-talo analyze: --resamples must be at least 1", file=sys.stderr)
         return 2
     try:
-        path = write_report(args.runs, Path(args.output), ReportOptions(args.clusters, args.resamples, args.seed))
+        path = write_analysis(args.runs, Path(args.output), AnalysisOptions(args.clusters, args.resamples, args.seed))
     except ReportError as exc:
-        print(f"lmms-talo report: {exc}", file=sys.stderr)
+        print(f"lmms-talo analyze: {exc}", file=sys.stderr)
         return 2
     written = sorted(p.name for p in path.parent.iterdir())
-    print(f"lmms-talo report: wrote {path.parent}: {', '.join(written)}")
+    print(f"lmms-talo analyze: wrote {path.parent}: {', '.join(written)}")
     return 0

@@ -1,14 +1,18 @@
 """Pool exclusion for the bundled talo_* tasks: lmms-eval's own aggregate becomes the test score.
 
 The TaLo adapter must see every doc of a sub-task (it probes the pool docs), so a talo_* task keeps
-all of its docs. Each doc gets a mark (sub-task, position, stratum); process_results carries the
+all of its docs. Each doc gets a mark (sub-task, position, stratum, probe unit); process_results carries the
 mark on the doc's record, and the task's aggregation drops the probe-pool docs before calling the
 benchmark's own aggregation on the rest.
 
-The pool is the split the adapter published for the sub-task (lmms_talo.run_state), so the two
+The pool is the split the adapter published for the sub-task (lmms_talo.evaluation_scope), so the two
 cannot disagree. When no TaLo model ran (a plain model scored on the same test set), the split is
 recomputed with the same function and inputs the adapter uses. Either way the split must follow the
 task's probe protocol (shots, seed): the defaults below, or LMMS_TALO_SHOTS / LMMS_TALO_SEED.
+
+A sub-task the adapter did not probe (fewer than k units, or a force_layer run) publishes a split
+with no pool: the aggregate then counts every doc, as the report's test score does. A plain model
+(no split published) is scored on the test set the protocol would give a probing run.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from . import run_state
+from . import evaluation_scope
 from .probe import ProbeSplit, split_subtask
-from .subtasks import field_value
+from .subtasks import field_value, known_unit
 
 DEFAULT_SHOTS = 10
 DEFAULT_SEED = 0
@@ -96,7 +100,7 @@ def check_task_split(task, split: ProbeSplit) -> None:
     if split.name != docs.task:
         raise TaskProtocolError(
             f"{docs.task}: the TaLo model split it into {split.name!r}; talo_* tasks are one category each "
-            f"and exclude the pool of the whole task: run them with granularity=task (the default)."
+            f"and exclude the pool of the whole task: run them with granularity=auto (the default) or task."
         )
     check_protocol(split)
 
@@ -122,7 +126,8 @@ class SubTaskDocs:
     """process_docs of one sub-task: keeps the docs whose `field` is one of `values` and marks them.
 
     The mark's index is the doc's position among the kept docs, which is lmms-eval's doc_id for the
-    task; its stratum is the doc's `stratify_field` value, as the adapter reads it.
+    task; its stratum is the doc's `stratify_field` value and its unit the doc's probe unit (the
+    benchmark's unit field, lmms_talo.subtasks.KNOWN_UNITS), as the adapter reads them.
     """
 
     task: str
@@ -144,7 +149,9 @@ class SubTaskDocs:
 
     def mark(self, position: int, doc: Mapping[str, Any]) -> dict:
         stratum = field_value(doc, self.stratify_field, self.task) if self.stratify_field else None
-        return {"subtask": self.task, "index": position, "stratum": None if stratum is None else str(stratum)}
+        unit_field = known_unit(self.task)
+        unit = field_value(doc, unit_field, self.task) if unit_field else None
+        return {"subtask": self.task, "index": position, "stratum": None if stratum is None else str(stratum), "unit": unit}
 
 
 # --- records ---
@@ -194,19 +201,20 @@ def _unmarked(record):
 
 def split_for(subtask: str, marks: Sequence[dict]) -> ProbeSplit:
     """The probe split of a sub-task: the adapter's published one, or the same split recomputed."""
-    published = run_state.published(subtask)
+    published = evaluation_scope.published(subtask)
     if published is None:
-        others = sorted(name for name in run_state.SPLITS if name.startswith(f"{subtask}/"))
+        others = [name for name in evaluation_scope.published_names() if name.startswith(f"{subtask}/")]
         if others:
             raise TaskProtocolError(
                 f"{subtask}: the TaLo model split it by category ({others[0]}, ...), so its pool is not the "
-                f"task's. talo_* tasks are one category each: run them with granularity=task (the default)."
+                f"task's. talo_* tasks are one category each: run them with granularity=auto (the default) or task."
             )
         expected = expected_protocol()
         ordered = sorted(marks, key=lambda m: m["index"])
         keys = [m["index"] for m in ordered]
         strata = [m["stratum"] for m in ordered] if ordered and ordered[0]["stratum"] is not None else None
-        return split_subtask(subtask, keys, expected.shots, expected.seed, strata)
+        units = [m["unit"] for m in ordered] if ordered and ordered[0].get("unit") is not None else None
+        return split_subtask(subtask, keys, expected.shots, expected.seed, strata, units)
     check_protocol(published)
     return published
 

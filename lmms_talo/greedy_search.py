@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .interventions import Knockout
-from .rules import SelectionRule
-from .select import RoundOutcome
+from .rules import RoundOutcome
 from .sweep import LayerSweep, SweepResult
 
 
@@ -29,6 +28,7 @@ class LayerStage:
     docs_computed: int
     docs_reused: int
     seconds: float
+    doc_scores: dict  # variant label -> {doc: score} of the variants this stage probed
 
     def to_dict(self) -> dict:
         o = self.outcome
@@ -57,13 +57,13 @@ def with_layer(layers: tuple[int, ...], layer: int) -> tuple[int, ...]:
 def search_more_layers(
     sweep: LayerSweep,
     result: SweepResult,
-    rule: SelectionRule,
     intervention: str,
     max_layers: int,
     stream: str,
 ) -> tuple[tuple[int, ...], list[LayerStage]]:
-    """Grow the sweep's selection greedily up to `max_layers` layers; per-doc scores of every
-    variant probed are added to `result.doc_scores`. Returns (the layers to knock out, the stages)."""
+    """Grow the sweep's selection greedily up to `max_layers` layers, each stage decided by the
+    sweep's own rule. Returns (the layers to knock out, the stages, each with its per-doc scores);
+    `result` is read, never changed."""
     if result.selected is None:
         return (), []
     layers: tuple[int, ...] = (result.selected,)
@@ -77,11 +77,9 @@ def search_more_layers(
         cost = SweepResult(tuple(remaining), [])
         reference = sweep.doc_scores(Knockout(layers, intervention), probe, cost)
         added = {l: sweep.doc_scores(Knockout(with_layer(layers, l), intervention), probe, cost) for l in remaining}
-        outcome = rule.decide(probe, reference, added, stream=f"{stream}/{'+'.join(map(str, layers))}")
+        outcome = sweep.rule.decide(probe, reference, added, stream=f"{stream}/{'+'.join(map(str, layers))}")
         stages.append(LayerStage(layers, outcome, len(remaining), cost.docs_computed, cost.docs_reused,
-                                 time.perf_counter() - started))
-        for label, scores in cost.doc_scores.items():
-            result.doc_scores.setdefault(label, {}).update(scores)
+                                 time.perf_counter() - started, cost.doc_scores))
         if outcome.selected is None:
             break
         layers = with_layer(layers, outcome.selected)

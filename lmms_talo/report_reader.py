@@ -1,7 +1,10 @@
-"""TaLo reports read back for offline analysis.
+"""talo_report.json read back: the one typed reader, beside its writer (lmms_talo.report).
 
-Every statistic is recomputed from the report's per-doc records (probe_doc_scores, test doc scores),
-never from the model: a `Subtask` turns those records into gains, test scores and rule decisions.
+Everything that reads a report (the analysis, `lmms-talo export --from-report`, the demo's table,
+the benchmarks) goes through `load_run` / `Run` / `Subtask`, never through raw dictionary keys, so a
+schema change is made here once. Every statistic is recomputed from the per-doc records
+(probe_doc_scores, test doc scores), never from the model: a `Subtask` turns those records into
+gains, test scores and rule decisions.
 """
 
 from __future__ import annotations
@@ -14,11 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rules import SelectionRule, make_rule
-from ..select import RoundOutcome
+from .interventions import Knockout
+from .rules import RoundOutcome, SelectionRule, make_rule
 
 REPORT_NAME = "talo_report.json"
 SPLIT_KEYS = ("probe_shots", "seed", "granularity", "category_field", "stratify_field")
+
+
+def doc_mean(entry: dict | None) -> float | None:
+    """A test entry's mean per-doc score in [0, 1]: the analyses pool sub-tasks and count docs, which
+    the benchmark's own metric (`score`, e.g. MMBench's circular % or MMStar's l2 macro mean) does not
+    allow. Reports of schema 1 kept that mean under `score`."""
+    if not entry:
+        return None
+    return entry["doc_mean"] if "doc_mean" in entry else entry.get("score")
 
 
 class ReportError(ValueError):
@@ -43,8 +55,8 @@ def find_reports(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def label_of(layers: Iterable[int]) -> str:
-    """The variant label the adapter files per-doc scores under: 'base', '7', '3+7'."""
-    return "+".join(str(layer) for layer in sorted(layers)) or "base"
+    """The variant label the sweep files per-doc scores under ('base', '7', '3+7'): Knockout's own."""
+    return Knockout(tuple(sorted(layers))).label
 
 
 @dataclass
@@ -61,6 +73,49 @@ class Subtask:
     @property
     def task(self) -> str:
         return self.data["task"]
+
+    @property
+    def request_type(self) -> str:
+        return self.data["request_type"]
+
+    @property
+    def pool(self) -> list[str]:
+        return [str(d) for d in self.data.get("pool", [])]
+
+    @property
+    def selected_layer(self) -> int | None:
+        return self.data.get("selected_layer")
+
+    @property
+    def selection_reason(self) -> str:
+        return self.data.get("selection_reason", "")
+
+    @property
+    def interaction_vector(self) -> dict[int, float]:
+        return {int(layer): gain for layer, gain in (self.data.get("interaction_vector") or {}).items()}
+
+    @property
+    def final_baseline(self) -> float | None:
+        """The base model's probe score on the round the sweep ended on (None when not probed)."""
+        rounds = self.data.get("rounds") or []
+        return rounds[-1]["baseline"] if rounds else None
+
+    def test(self, which: str) -> dict:
+        """The test-doc entry of "talo" or "base" (empty when the run did not score it)."""
+        return (self.data.get("test") or {}).get(which) or {}
+
+    @property
+    def test_difference_doc_mean(self) -> float | None:
+        return self.data.get("test_difference_doc_mean")
+
+    @property
+    def seconds(self) -> float:
+        """Time in the probe pre-pass and the real evaluation."""
+        return self.data.get("sweep_seconds", 0.0) + self.data.get("eval_seconds", 0.0)
+
+    @property
+    def memory(self) -> dict:
+        return self.data.get("memory") or {}
 
     @property
     def probe_docs(self) -> list[str]:
@@ -105,13 +160,13 @@ class Subtask:
         return np.array([[scores[d] - base[d] for d in self.probe_docs] for scores in self.layer_doc_scores().values()])
 
     def test_score(self, label: str) -> float | None:
-        """Mean score over the test (non-pool) docs with `label` knocked out, where the run computed it."""
+        """Mean per-doc score over the test (non-pool) docs with `label` knocked out, where the run computed it."""
         entry = (self.data.get("test_variants") or {}).get(label)
         if entry is None and label == "base":
             entry = self.data.get("test", {}).get("base")
         if entry is None and label == self.selected_label:
             entry = self.data.get("test", {}).get("talo")
-        return None if entry is None else entry.get("score")
+        return doc_mean(entry)
 
     def test_gain(self, label: str) -> float | None:
         if label == "base":
@@ -137,6 +192,17 @@ class Run:
     @property
     def config(self) -> dict:
         return self.data.get("config", {})
+
+    @property
+    def intervention(self) -> str:
+        return self.config.get("intervention", "zero")
+
+    def subtask(self, name: str) -> Subtask:
+        """The sub-task named `name` (a sub-task or a task name)."""
+        for sub in self.subtasks:
+            if name in (sub.name, sub.task):
+                return sub
+        raise ReportError(f"{name!r} is not in {self.path}; it holds: {', '.join(s.name for s in self.subtasks)}")
 
     @property
     def model_name(self) -> str:
@@ -174,6 +240,11 @@ def load_run(path: Path) -> Run:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ReportError(f"cannot read {path} as JSON ({exc}): pass a talo_report.json written by a TaLo run") from exc
+    return run_of(data, Path(path))
+
+
+def run_of(data: dict, path: Path) -> Run:
+    """A report already in memory (`path`: where it was or will be written)."""
     if not isinstance(data, dict) or "subtasks" not in data or "config" not in data:
         raise ReportError(f"{path} is not a TaLo report (no 'subtasks' / 'config'): pass a talo_report.json")
     run = Run(Path(path), data)

@@ -1,0 +1,42 @@
+"""lmms-eval behind the Harness interface (lmms_talo.harness)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+from .. import evaluation_scope
+from ..harness import Harness
+from .fixes import loglikelihood_outputs_kept, unwrap_output
+
+
+@contextlib.contextmanager
+def _scope(lm, task_dict: dict, kwargs: dict):
+    """One lmms-eval evaluation: its tasks and CLI args; for a TaLo model, lmms-eval's loglikelihood
+    outputs kept as tuples (lmms_talo.lmms.fixes) while it runs. A plain model's runs as lmms-eval's own."""
+    from ..mixin import TaloMixin
+
+    repairs = loglikelihood_outputs_kept() if isinstance(lm, TaloMixin) else contextlib.nullcontext()
+    with evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict), kwargs.get("cli_args")), repairs:
+        yield
+
+
+class LmmsEval(Harness):
+    name = "lmms-eval"
+    model_packages = ("lmms_eval.models",)
+
+    def install(self) -> None:
+        import lmms_eval.evaluator as evaluator
+
+        evaluation_scope.wrap_evaluate(evaluator, _scope)
+
+    def unwrap(self, output: Any) -> Any:
+        return unwrap_output(output)[0]
+
+    def request(self, task: Any, request_type: str, arguments: Sequence[Any], idx: int, metadata: Any) -> Any:
+        from lmms_eval.api.instance import Instance
+
+        return Instance(request_type=request_type, arguments=tuple(arguments), idx=idx, metadata=metadata)
+
+
+LMMS_EVAL = LmmsEval()

@@ -1,0 +1,71 @@
+"""The probe store's fingerprint covers everything that changes a probe answer (issue 12, part 1).
+
+Through the real lmms-eval CLI, with one state_dir: a change of the model's form (chat or
+--force_simple), of a non-TaLo model arg or of the dtype recomputes every probe pass; an unchanged
+rerun reuses them all. Results written under other library versions are never reused.
+"""
+
+import json
+
+from harness import run_lmms_eval, write_image_task
+from lmms_talo.store import ProbeStore
+from tiny_models import LMMS_EVAL_MODEL_ARGS
+
+SHOTS, LAYERS = 3, 2
+PROBE_RESULTS = SHOTS * (1 + LAYERS)  # probe docs x (baseline + layers 1-2), one round
+
+
+def _run(tmp_path, name, state, extra_args="", *flags):
+    args = (f"pretrained={state['model']},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots={SHOTS},layers=1-{LAYERS},"
+            f"max_redraws=0,replay=false,state_dir={state['dir']},report={tmp_path / name}.json{extra_args}")
+    run_lmms_eval("talo_llava", args, "talo_fp", state["task"], tmp_path / f"out_{name}", *flags)
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    (group,) = report["subtasks"]
+    return report, (group["probe_docs_computed"], group["probe_docs_reused"])
+
+
+def test_form_model_args_and_dtype_each_recompute_every_probe_pass(tmp_path, tiny_model_dir):
+    state = {"model": tiny_model_dir("llava"), "dir": tmp_path / "state",
+             "task": write_image_task(tmp_path / "task", "talo_fp", [f"a{i % 3}" for i in range(9)])}
+    first, counts = _run(tmp_path, "chat", state)
+    assert counts == (PROBE_RESULTS, 0)
+    assert first["harness_model"]["simple"] is False and first["model"]["dtype"] == ["float32"]
+
+    simple, counts = _run(tmp_path, "simple", state, "", "--force_simple")
+    assert simple["harness_model"]["simple"] is True
+    assert counts == (PROBE_RESULTS, 0), "the simple form builds another prompt: nothing of the chat run is reused"
+
+    _, counts = _run(tmp_path, "eager", state, ",attn_implementation=eager")
+    assert counts == (PROBE_RESULTS, 0), "a changed non-TaLo model arg reuses nothing"
+
+    half, counts = _run(tmp_path, "bf16", state, ",dtype=bfloat16")
+    assert half["model"]["dtype"] == ["bfloat16"], "the dtype is read off the loaded parameters"
+    assert counts == (PROBE_RESULTS, 0), "another dtype reuses nothing"
+
+    again, counts = _run(tmp_path, "again", state)
+    assert counts == (0, PROBE_RESULTS), "an unchanged rerun reuses every probe pass"
+    assert again["subtasks"][0]["interaction_vector"] == first["subtasks"][0]["interaction_vector"]
+    assert set(again["versions"]) == {"transformers", "torch", "lmms-eval"} and all(again["versions"].values())
+    assert len(list(state["dir"].glob("*.jsonl"))) == 4
+
+
+def test_results_written_under_other_versions_are_not_reused(tmp_path, caplog):
+    old = {"transformers": "5.23.0", "torch": "2.14.1", "lmms-eval": "0.7.3"}
+    new = {**old, "transformers": "5.24.0"}
+    ProbeStore(tmp_path, {"model": "m"}, old).put("base", 3, 1.0, ["A"])
+    with caplog.at_level("WARNING", logger="lmms_talo"):
+        store = ProbeStore(tmp_path, {"model": "m"}, new)
+    assert store.get("base", 3) is None
+    assert "1 probe results" in caplog.text and "written under other versions" in caplog.text
+    assert '"transformers": "5.23.0"' in caplog.text and '"transformers": "5.24.0"' in caplog.text
+    store.put("base", 3, 0.0, ["B"])
+    assert ProbeStore(tmp_path, {"model": "m"}, new).get("base", 3) == (0.0, ["B"])
+    assert ProbeStore(tmp_path, {"model": "m"}, old).get("base", 3) == (1.0, ["A"]), "each line keeps its versions"
+
+
+def test_fingerprint_ignores_memory_addresses():
+    """Model args given from Python may be objects: their reprs' addresses change every run."""
+    from lmms_talo.store import fingerprint_of
+
+    assert fingerprint_of({"arg": object()}) == fingerprint_of({"arg": object()})
+    assert fingerprint_of({"arg": object()}) != fingerprint_of({"arg": 1})
