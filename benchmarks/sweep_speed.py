@@ -1,4 +1,4 @@
-"""How much the fast sweep saves: one probe set, five ways, each in its own process.
+"""How much the fast sweep saves: one probe set, several ways, each in its own process.
 
   plain    one evaluation of the probe set by the base model (the unit of the ratios)
   authors  the authors' way: reload the model from disk for the base and for every layer, edit the
@@ -6,6 +6,9 @@
   naive    TaLo's in-memory sweep without prefix replay (sweep=full, replay=false)
   replay   prefix replay, every layer on every doc (sweep=full, replay=true; the default)
   select   prefix replay and exact pruning (sweep=select, replay=true)
+  screen   the gradient screen, then exact knockouts of the top screen_top layers and screen_random
+           seeded others, with prefix replay (sweep=screen); screen:N sets screen_top=N
+  full     the same as replay (the name the --json figures use)
 
 Every mode runs through the harness's own model class and TaLo's own sweep code (the adapter's
 _talo_sweep), on the same probe docs (one probe round). Wall time covers the measured work only
@@ -15,6 +18,13 @@ process's maximum resident set size.
 
   python benchmarks/sweep_speed.py vlm          # (a) random-weight SmolLM2-shaped LLaVA, 576 image tokens
   python benchmarks/sweep_speed.py smollm2 --shots 8   # (b) the demo's SmolLM2-135M and task (after `lmms-talo demo`)
+  python benchmarks/sweep_speed.py smollm2 --shots 8 --modes naive,full,select,screen \
+      --tasks bb_general_knowledge,bb_odd_one_out,... --json out.json   # (c) the screen over several tasks
+
+With --json, the figures by name: {"model", "tasks", "modes": {mode: {"seconds", "ratio_vs_naive",
+"peak_rss_mb", "exact_passes", ...}}, "per_task": [...]}; the screen modes also carry
+same_layer_fraction (the full sweep's selection, on the same probe docs) and spearman (estimated
+against exact gains). The file is rewritten after every task, so a cut-short run keeps what it did.
 """
 
 from __future__ import annotations
@@ -36,8 +46,17 @@ TALO_ARGS = {
     "authors": "replay=false",
     "naive": "replay=false,sweep=full",
     "replay": "replay=true,sweep=full",
+    "full": "replay=true,sweep=full",
     "select": "replay=true,sweep=select",
+    "screen": "replay=true,sweep=screen",
 }
+
+
+def talo_args(mode: str) -> str:
+    """The mode's TaLo model args; screen:N is the screen with screen_top=N."""
+    if mode.startswith("screen:"):
+        return f"{TALO_ARGS['screen']},screen_top={int(mode.split(':', 1)[1])}"
+    return TALO_ARGS[mode]
 
 
 # --- inside one mode's process ---
@@ -86,7 +105,7 @@ def _lmms_eval_setup(spec: dict, mode: str):
     from lmms_talo.mixin import TaloMixin
 
     def load():
-        lm = get_model(spec["model"], True).create_from_arg_string(f"{spec['model_args']},{TALO_ARGS[mode]}")
+        lm = get_model(spec["model"], True).create_from_arg_string(f"{spec['model_args']},{talo_args(mode)}")
         lm.task_dict[spec["task"]] = task.dataset
         return lm
 
@@ -119,6 +138,8 @@ def run_mode(spec: dict, mode: str) -> dict:
     warm = next(d for d in group.docs() if d not in probe)
     lm._talo_sweep(group, base_method_of(lm), scorer).answer(None, [warm])
     counter.reset()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
     started = time.perf_counter()
     if mode == "plain":
@@ -141,30 +162,36 @@ def run_mode(spec: dict, mode: str) -> dict:
         sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
         result = sweep.run(group.split, layers, spec["intervention"], 0)
         out.update(selected=result.selected, pruned={str(k): v.after_docs for k, v in result.pruned[0].items()},
-                   doc_scores=result.doc_scores, replay=result.replay)
+                   doc_scores=result.doc_scores, replay=result.replay, screen=result.screen,
+                   gains={str(k): v for k, v in result.final.gains.items()},
+                   exact_passes=sum(len(v) for k, v in result.doc_scores.items() if k not in ("base", "screen")))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     out["seconds"] = time.perf_counter() - started
     out.update(model_calls=counter.model_calls, layer_forwards=counter.layer_forwards, layer_tokens=counter.layer_tokens,
                vision_calls=counter.vision_calls, num_layers=counter.num_layers,
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
     return out
 
 
 # --- the driver ---
 
 
-def vlm_spec(work: Path, shots: int, threads: int) -> dict:
-    """(a): the realistic-shape random LLaVA on a local image task (generate_until, 4 new tokens)."""
+def vlm_spec(work: Path, shots: int, threads: int, device: str = "cpu", layers: int = 30) -> dict:
+    """(a): the realistic-shape random LLaVA on a local image task (generate_until, 4 new tokens);
+    `layers` decoder layers of the realistic width (benchmarks/gpu_check.sh's CPU smoke run uses few)."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from harness import write_image_task
 
     import realistic_vlm
 
-    model_dir = realistic_vlm.build(work / "vlm")
+    model_dir = realistic_vlm.build(work / ("vlm" if layers == 30 else f"vlm{layers}"), num_layers=layers)
     write_image_task(work / "task", "talo_bench_vqa", [f"answer {i % 4}" for i in range(3 * shots)])
     return {
         "model": "talo_llava", "task": "talo_bench_vqa", "reqtype": "generate_until",
         "include_path": str(work / "task"), "intervention": "zero", "threads": threads,
-        "model_args": f"pretrained={model_dir},device=cpu,device_map=cpu,probe_shots={shots},state_dir=none,max_redraws=0",
+        "model_args": f"pretrained={model_dir},device={device},device_map={device},probe_shots={shots},state_dir=none,max_redraws=0",
     }
 
 
@@ -172,7 +199,8 @@ def smollm2_spec(model: Path, task: str, include_path: Path, shots: int, threads
     """(b): the demo's SmolLM2-135M-Instruct on a demo task, through the demo's lmms-eval model
     (talo_huggingface, options scored by likelihood, batch size 8 as the demo runs it)."""
     return {
-        "model": "talo_huggingface", "task": task, "reqtype": "loglikelihood", "include_path": str(include_path),
+        "model": "talo_huggingface", "task": task, "include_path": str(include_path),
+        "reqtype": "generate_until" if "output_type: generate_until" in (include_path / f"{task}.yaml").read_text() else "loglikelihood",
         "intervention": "zero", "threads": threads,
         "model_args": f"pretrained={model},device=cpu,dtype=float32,chat_template=false,batch_size=8,"
                       f"probe_shots={shots},state_dir=none,max_redraws=0",
@@ -197,9 +225,16 @@ def check(rows: list[dict]) -> list[str]:
     problems = []
     if len({tuple(r["probe_docs"]) for r in rows}) != 1:
         problems.append("the modes probed different docs")
-    if "naive" in by and "replay" in by and by["replay"]["doc_scores"] != by["naive"]["doc_scores"]:
-        problems.append("replay's per-doc scores differ from the naive sweep's")
-    for fast in ("replay", "select"):
+    for fast in ("replay", "full"):
+        if "naive" in by and fast in by and by[fast]["doc_scores"] != by["naive"]["doc_scores"]:
+            problems.append(f"{fast}'s per-doc scores differ from the naive sweep's")
+    reference = by.get("naive") or by.get("full") or by.get("replay")
+    for mode, row in by.items():
+        if mode.startswith("screen") and reference:
+            ran = {label: scores for label, scores in row["doc_scores"].items() if label != "screen"}
+            if any(reference["doc_scores"].get(label) != scores for label, scores in ran.items()):
+                problems.append(f"{mode}'s exact per-doc scores differ from the {reference['mode']} sweep's")
+    for fast in ("replay", "full", "select"):
         if "naive" in by and fast in by and by[fast]["selected"] != by["naive"]["selected"]:
             problems.append(f"{fast} selected layer {by[fast]['selected']}, the naive sweep {by['naive']['selected']}")
     if "authors" in by and "naive" in by:
@@ -229,38 +264,124 @@ def table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(by_task: list[dict], name: str, reference: str) -> float | None:
+    """`name`'s seconds over `reference`'s, summed over the tasks where both ran."""
+    both = [t for t in by_task if name in t and reference in t]
+    return sum(t[name]["seconds"] for t in both) / sum(t[reference]["seconds"] for t in both) if both else None
+
+
+def _gain_of(gains: dict, layer: int | None) -> float | None:
+    return gains.get(str(layer), 0.0) if layer is not None else None
+
+
+def _top_curve(ref: dict, estimates: dict) -> dict[int, int | None]:
+    """The layer the gain rule selects among the top N layers by the screen's estimate, for every N,
+    from the reference sweep's exact per-doc scores (what screen_top=N, screen_random=0 selects)."""
+    from lmms_talo.rules import decide_round
+
+    probe = ref["probe_docs"]
+    scores = ref["doc_scores"]
+    base = {d: scores["base"][d] for d in probe}
+    ranked = sorted(estimates, key=lambda layer: (-estimates[layer], int(layer)))
+    return {n: decide_round(probe, base, {int(l): {d: scores[l][d] for d in probe} for l in ranked[:n]}, 0.0).selected
+            for n in range(1, len(ranked) + 1)}
+
+
+def figures(model: str, per_task: list[dict]) -> dict:
+    """The --json figures by name: per mode the summed seconds over the tasks it ran on, the ratio to
+    the naive (and full) sweep over the tasks both ran on, peak RSS, exact variant passes; per screen
+    mode the agreement with the full sweep on the same probe docs, the Spearman correlation of the
+    screen's estimates with the exact gains, and the layer screen_top=N would select for every N."""
+    from lmms_talo.screen import spearman
+
+    by_task = [{r["mode"]: r for r in t["rows"]} for t in per_task]
+    names = list(dict.fromkeys(m for t in by_task for m in t))
+    modes = {}
+    for name in names:
+        rows = [t[name] for t in by_task if name in t]
+        modes[name] = {"seconds": sum(r["seconds"] for r in rows), "tasks": len(rows), "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+                       "ratio_vs_naive": _ratio(by_task, name, "naive"), "ratio_vs_full": _ratio(by_task, name, "full")}
+        if all("exact_passes" in r for r in rows):
+            modes[name]["exact_passes"] = sum(r["exact_passes"] for r in rows)
+    for name in [n for n in names if n.startswith("screen")]:
+        same, equal, differences, xs, ys, per, curves = [], [], [], [], [], [], []
+        for task, t in zip(per_task, by_task):
+            ref = next((t[m] for m in ("full", "replay", "naive") if m in t), None)
+            if name not in t or ref is None:
+                continue
+            screen = t[name]
+            same.append(ref["selected"] == screen["selected"])
+            gains = ref["gains"]
+            equal.append(_gain_of(gains, screen["selected"]) == _gain_of(gains, ref["selected"]))  # the same layer, or one as good on the probe
+            if not same[-1]:
+                differences.append({"task": task["task"], "full_selected": ref["selected"], "screen_selected": screen["selected"],
+                                    "full_gain_of_screen_layer": gains.get(str(screen["selected"]), 0.0) if screen["selected"] is not None else 0.0,
+                                    "best_gain": max(gains.values(), default=0.0)})
+            if screen["screen"] and gains:
+                estimates = screen["screen"][0]["estimates"]
+                layers = sorted(gains, key=int)
+                xs += [estimates[l] for l in layers]
+                ys += [gains[l] for l in layers]
+                per.append({"task": task["task"], "spearman": spearman([estimates[l] for l in layers], [gains[l] for l in layers])})
+                curves.append((ref["selected"], _top_curve(ref, estimates)))
+        tops = sorted({n for _, curve in curves for n in curve})
+        modes[name].update(
+            same_layer_fraction=sum(same) / len(same) if same else None,
+            equal_gain_fraction=sum(equal) / len(equal) if equal else None, differences=differences,
+            spearman=spearman(xs, ys), spearman_per_task=per,
+            same_layer_fraction_by_screen_top={n: (sum(curve[n] == sel for sel, curve in curves) + len(same) - len(curves)) / len(same)
+                                               for n in tops},
+        )
+    return {"model": model, "tasks": [t["task"] for t in per_task], "modes": modes, "per_task": per_task}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=("vlm", "smollm2"))
+    parser.add_argument("case", choices=("vlm", "smollm2", "merge"), help="merge: with --merge FILES")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lmms_talo_bench")
     parser.add_argument("--shots", type=int, default=4, help="probe docs (probe_shots)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--device", default="cpu", help="(a) cpu or cuda")
+    parser.add_argument("--vlm-layers", type=int, default=30, help="(a) decoder layers of the realistic VLM")
     cache = Path(os.environ.get("LMMS_TALO_CACHE", Path.home() / ".cache" / "lmms_talo"))
     parser.add_argument("--model", type=Path, default=cache / "models" / "SmolLM2-135M-Instruct",
                         help="(b) the converted model folder (lmms-talo demo builds it)")
     parser.add_argument("--task", default="bb_general_knowledge", help="(b) the demo task")
+    parser.add_argument("--tasks", help="(b) several demo tasks, comma-separated (overrides --task)")
     parser.add_argument("--include-path", type=Path, default=cache / "bigbench" / "tasks" / "lmms",
                         help="(b) the folder holding the demo tasks' lmms-eval YAML")
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    parser.add_argument("--merge", type=Path, nargs="+", help="recompute the --json figures from these --json files' tasks (no run)")
     args = parser.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        merged = figures(runs[0]["model"], [t for run in runs for t in run["per_task"]])
+        text = json.dumps(merged, indent=1, default=str)
+        args.json.write_text(text) if args.json else print(text)
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if args.case == "vlm":
-        spec, title = vlm_spec(args.work, args.shots, args.threads), "(a) random SmolLM2-135M-shaped LLaVA, 576 image tokens"
-    else:
-        if not (args.model / "config.json").exists() or not (args.include_path / f"{args.task}.yaml").exists():
-            parser.error(f"no model at {args.model} or no task {args.task} in {args.include_path}: run `lmms-talo demo` first")
-        spec = smollm2_spec(args.model, args.task, args.include_path, args.shots, args.threads)
-        title = f"(b) SmolLM2-135M-Instruct, {args.task}"
     modes = [m for m in args.modes.split(",") if m]
     if "plain" not in modes:
         modes.insert(0, "plain")
-    rows = measure(spec, modes)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print(table(title, rows))
-    problems = check(rows)
+    if args.case == "vlm":
+        cases = [(vlm_spec(args.work, args.shots, args.threads, args.device, args.vlm_layers),
+                  f"(a) random SmolLM2-135M-shaped LLaVA ({args.vlm_layers} layers), 576 image tokens, {args.device}")]
+    else:
+        tasks = args.tasks.split(",") if args.tasks else [args.task]
+        missing = [t for t in tasks if not (args.include_path / f"{t}.yaml").exists()]
+        if not (args.model / "config.json").exists() or missing:
+            parser.error(f"no model at {args.model} or no task {missing} in {args.include_path}: run `lmms-talo demo` first")
+        cases = [(smollm2_spec(args.model, t, args.include_path, args.shots, args.threads), f"(b) SmolLM2-135M-Instruct, {t}") for t in tasks]
+    per_task, problems = [], []
+    for spec, title in cases:
+        rows = measure(spec, modes)
+        per_task.append({"task": spec["task"], "rows": rows})
+        print(table(title, rows), flush=True)
+        problems += [f"{spec['task']}: {p}" for p in check(rows)]
+        if args.json:
+            args.json.write_text(json.dumps(figures(Path(spec["model_args"].split(",")[0].split("=", 1)[1]).name, per_task), indent=1, default=str))
     for problem in problems:
         print(f"MISMATCH: {problem}")
     return 1 if problems else 0

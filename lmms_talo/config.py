@@ -84,10 +84,14 @@ class TaloConfig:
     select_rule: str = "gain"  # gain (the paper's) | sign_test | bootstrap: see lmms_talo.rules
     select_alpha: float = 0.05
     select_resamples: int = 1000
+    select_stat: str = "score"  # score | margin (likelihood-scored tasks): the rules' paired statistic (lmms_talo.rules.STATS)
+    select_base_rule: str = "gain"  # select_rule=confirm: the rule that decides the probe rounds
     max_layers: int = 1  # > 1: greedy multi-layer search on top of the selected layer (lmms_talo.greedy_search)
     transfer: bool = False  # also score each sub-task's test docs under the other sub-tasks' selections
     test_all_layers: bool = False  # also score the test docs under every candidate layer
-    sweep: str = "full"  # full (the whole interaction vector) | select (exact pruning): see lmms_talo.sweep
+    sweep: str = "full"  # full (the whole interaction vector) | select (exact pruning) | screen (gradient screen): see lmms_talo.sweep
+    screen_top: int = 3  # sweep=screen: the layers with the highest estimated gain, run exactly
+    screen_random: int = 2  # sweep=screen: further layers drawn with the seed, run exactly
     replay: bool = True  # prefix replay of the layers below each knockout: see lmms_talo.replay
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -108,14 +112,23 @@ class TaloConfig:
             raise TaloArgumentError("layers is empty: give at least one candidate layer, or leave it out for 1..L-1")
         if self.max_layers < 1:
             raise TaloArgumentError(f"max_layers must be at least 1, got {self.max_layers}")
+        if self.screen_top < 1 or self.screen_random < 0:
+            raise TaloArgumentError(
+                f"screen_top must be at least 1 and screen_random at least 0 (got {self.screen_top} and "
+                f"{self.screen_random}): the selected layer is one of the exactly run ones"
+            )
         try:
             check_sweep_mode(self.sweep, self.selection_rule())
         except (RuleError, SweepModeError) as exc:
             raise TaloArgumentError(str(exc)) from exc
 
     def selection_rule(self) -> SelectionRule:
+        confirming = {"base_rule": self.select_base_rule} if self.select_rule == "confirm" else {}
+        if not confirming and self.select_base_rule != "gain":
+            raise RuleError(f"select_base_rule={self.select_base_rule} is only read by select_rule=confirm: drop it, or add select_rule=confirm")
         return make_rule(
-            self.select_rule, threshold=self.threshold, alpha=self.select_alpha, resamples=self.select_resamples, seed=self.seed
+            self.select_rule, threshold=self.threshold, alpha=self.select_alpha, resamples=self.select_resamples,
+            seed=self.seed, stat=self.select_stat, **confirming,
         )
 
     @classmethod
@@ -139,10 +152,14 @@ class TaloConfig:
             "select_rule": str,
             "select_alpha": float,
             "select_resamples": int,
+            "select_stat": str,
+            "select_base_rule": str,
             "max_layers": int,
             "transfer": parse_bool,
             "test_all_layers": parse_bool,
             "sweep": str,
+            "screen_top": int,
+            "screen_random": int,
             "replay": parse_bool,
         }
         for name, message in REMOVED_ARGS.items():

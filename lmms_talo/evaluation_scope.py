@@ -24,6 +24,7 @@ from .probe import ProbeSplit
 class Evaluation:
     tasks: dict[str, Any]  # task name -> Task
     cli_args: Any = None
+    limit: Any = None  # the harness's --limit: the docs TaLo sees (and splits) are the limited ones
     splits: dict[str, ProbeSplit] = field(default_factory=dict)  # sub-task name -> its probe split
 
     def task(self, name: str) -> Any:
@@ -37,11 +38,11 @@ _current: Evaluation | None = None
 
 
 @contextlib.contextmanager
-def evaluation(tasks: dict[str, Any], cli_args: Any = None) -> Iterator[Evaluation]:
+def evaluation(tasks: dict[str, Any], cli_args: Any = None, limit: Any = None) -> Iterator[Evaluation]:
     """The state of one evaluation; an evaluation opened inside another gets its own, and the outer
     one's is back when it ends."""
     global _current
-    outer, _current = _current, Evaluation(dict(tasks), cli_args)
+    outer, _current = _current, Evaluation(dict(tasks), cli_args, limit)
     try:
         yield _current
     finally:
@@ -90,7 +91,8 @@ def _flatten(task_dict: dict, into: dict) -> None:
 
 def wrap_evaluate(evaluator: Any, scope: Callable[[Any, dict, dict], ContextManager]) -> None:
     """Wrap `evaluator.evaluate` (an lmms-eval or lm-eval evaluator module) so that every call runs
-    inside `scope(lm, task_dict, kwargs)`; idempotent."""
+    inside `scope(lm, task_dict, kwargs)`, and a TaLo model then annotates the results the harness
+    writes out (`talo_annotate_results`, lmms_talo.harness_outputs; None on ranks > 0); idempotent."""
     if getattr(evaluator.evaluate, "__talo_wrapped__", False):
         return
     original = evaluator.evaluate
@@ -98,7 +100,11 @@ def wrap_evaluate(evaluator: Any, scope: Callable[[Any, dict, dict], ContextMana
     @functools.wraps(original)
     def evaluate(lm, task_dict, *args, **kwargs):
         with scope(lm, task_dict, kwargs):
-            return original(lm, task_dict, *args, **kwargs)
+            results = original(lm, task_dict, *args, **kwargs)
+        annotate = getattr(lm, "talo_annotate_results", None)
+        if annotate is not None and results is not None:
+            annotate(results)
+        return results
 
     evaluate.__talo_wrapped__ = True
     evaluator.evaluate = evaluate

@@ -29,16 +29,19 @@ from loguru import logger as loguru  # lmms-eval's model classes log through log
 from . import evaluation_scope
 from .backbone import decoder_layers, unwrap
 from .config import TaloArgumentError, TaloConfig
-from .harness import Harness
+from .harness import Harness, own_scoring
+from .harness_outputs import annotate, log_to_wandb, results_block
 from .interventions import Knockout, check_layers, knocked_out
 from .logs import log
 from .memory import process_memory
 from .parallel import SharedRequests, current_ranks
 from .pool_exclusion import check_task_split
 from .probe import ProbeSplit, split_subtask, unprobed_split
+from .progress import ProbeProgress
 from .replay import PrefixReplay
 from .report import GroupReport, TaloReport, summary_table
 from .scoring import TaskScorer
+from .screen import task_screen
 from .selection import select_knockout
 from .store import ProbeStore, default_state_dir, request_kwargs, task_config_identity
 from .subtasks import TaskFields, field_value, resolve_fields, subtask_name
@@ -121,6 +124,18 @@ def _watch_failures(lmm, model) -> Iterator[list]:
         del model.generate
 
 
+def _probe_rows(group: "TaloGroup", selection, store: ProbeStore) -> list[dict]:
+    """Every probe pass of the group's selection, as stored: variant, unit, its docs, responses, score."""
+    units = {str(u): u for u in group.split.pool_units}
+    rows = []
+    for variant, scores in selection.probe_doc_scores.items():
+        for unit, score in scores.items():
+            _, responses = store.get(variant, unit)
+            rows.append({"subtask": group.name, "variant": variant, "unit": unit,
+                         "doc_ids": list(group.split.docs_of(units[unit])), "responses": responses, "score": score})
+    return rows
+
+
 class TaloGroup:
     """One sub-task's requests: its docs, their requests in idx order, and its probe split."""
 
@@ -179,6 +194,9 @@ class TaloMixin:
         self.talo_rule = self.talo.selection_rule()
         self.talo_report = TaloReport.start(self, self.talo, model_args)
         self.talo_ranks = current_ranks()
+        self.talo_doc_info: dict[tuple, tuple] = {}  # (task, doc id) -> (knocked-out layers, in the probe pool)
+        self.talo_probe_rows: dict[str, list] = {}  # task -> every probe pass, for the harness's sample logs
+        self._talo_progress = ProbeProgress("", 0, enabled=False)  # replaced for each harness call
 
     # --- the harness entry points ---
 
@@ -281,9 +299,19 @@ class TaloMixin:
         return list(groups.values())
 
     def _talo_log_groups(self, reqtype: str, fields_by_task: dict) -> None:
-        """The line that starts the pre-pass: the granularity of each task, and why."""
+        """The line that starts the pre-pass: the granularity of each task, and why; and what the
+        harness's --limit and --predict_only mean for TaLo (the report records both)."""
+        scope = evaluation_scope.current()
+        predict_only = bool(getattr(scope.cli_args, "predict_only", False))
+        limit = int(scope.limit) if isinstance(scope.limit, float) and scope.limit.is_integer() else scope.limit
+        self.talo_report.harness_run.update(limit=limit, predict_only=predict_only)
         if not self.talo_ranks.is_main:
             return
+        if limit is not None:
+            log.info(f"TaLo ({reqtype}): --limit {limit}: each probe split is drawn from the limited docs, not the whole task")
+        if predict_only:
+            log.info(f"TaLo ({reqtype}): --predict_only: TaLo still scores its probe docs (the selection needs them) and "
+                     f"answers the test docs under the knockout; the harness will not score them")
         if self.talo.force_layer is not None:
             log.info(f"TaLo ({reqtype}): force_layer={self.talo.force_layer}: no probing, every doc answered under the knockout")
             return
@@ -297,19 +325,38 @@ class TaloMixin:
         self.talo_ranks = current_ranks()
         results: list = [None] * len(requests)
         answered = []
-        for group in self._talo_groups(reqtype, requests):
-            group_requests = [requests[p] for p in group.positions]
-            answers, report = self._talo_answer_group(group, group_requests, base_method)
-            answered.append((group, group_requests, report))
-            for position, answer in zip(group.positions, answers):
-                results[position] = answer
-        if self.talo.transfer or self.talo.test_all_layers:
-            self._talo_score_test_variants(answered, base_method)
+        groups = self._talo_groups(reqtype, requests)
+        probed = [g for g in groups if not g.split.unprobed]
+        variants = len(self.talo_candidate_layers) + 1
+        self._talo_progress = ProbeProgress.start(
+            reqtype, len(probed), len(groups) - len(probed), variants,
+            variants * sum(len(g.split.first_round().docs) for g in probed), main=self.talo_ranks.is_main,
+            verbose=getattr(evaluation_scope.current().cli_args, "verbosity", "") == "DEBUG",
+        )
+        with contextlib.ExitStack() as scoring:  # each task's own scoring, also under --predict_only
+            scoring.callback(self._talo_progress.close)
+            for task in {id(g.task): g.task for g in groups}.values():
+                scoring.enter_context(own_scoring(task))
+            for group in groups:
+                group_requests = [requests[p] for p in group.positions]
+                answers, report = self._talo_answer_group(group, group_requests, base_method)
+                answered.append((group, group_requests, report))
+                for position, answer in zip(group.positions, answers):
+                    results[position] = answer
+            if self.talo.transfer or self.talo.test_all_layers:
+                self._talo_score_test_variants(answered, base_method)
         path = self._talo_write_report()
         if self.talo_ranks.is_main:
             log.info(f"TaLo ({reqtype}): report written to {path}\n{summary_table(self.talo_report.to_dict())}")
             log.info(f"TaLo: {self.talo_harness.name}'s aggregate below counts probe-pool docs too (unless the task excludes them); the report's TaLo column is the test (non-pool) score")
         return results
+
+    def talo_annotate_results(self, results: dict) -> None:
+        """The results dict the harness writes out carries TaLo's decision (lmms_talo.harness_outputs)."""
+        if self.talo_ranks.is_main:
+            report = self.talo_report.to_dict()
+            annotate(results, results_block(report, self.talo_report.path), self.talo_doc_info, self.talo_probe_rows)
+            log_to_wandb(report, self.talo_report.path)
 
     def _talo_write_report(self):
         """The report is the merged view of all ranks: only the main rank writes it."""
@@ -344,7 +391,8 @@ class TaloMixin:
 
         def answer(knockout: Knockout | None, units: Sequence) -> dict:
             flat = [r for u in units for r in requests_of(u)]
-            outputs = self._talo_run_base(base_method, flat, knockout, strict=True)
+            with self._talo_progress.timed(len(units)):
+                outputs = self._talo_run_base(base_method, flat, knockout, strict=True)
             by_unit, cursor = {}, 0
             for u in units:
                 n = len(requests_of(u))
@@ -360,20 +408,41 @@ class TaloMixin:
                 cursor += n
             return min(rows)
 
+        def margin(unit, responses) -> float:
+            """select_stat=margin: a unit's worst row margin, as its score is its worst row's."""
+            rows, cursor = [], 0
+            for d in split.docs_of(unit):
+                n = len(group.doc_requests[d])
+                rows.append(scorer.margin(group.task.eval_docs[d], responses[cursor : cursor + n], self.talo_harness.likelihood_is_loss))
+                cursor += n
+            return min(rows)
+
+        if self.talo.select_stat == "margin":
+            scorer.check_margin()
         replay = PrefixReplay(self._talo_model(), max(self.talo_candidate_layers)) if self.talo.replay else None
         return LayerSweep(
             answer, score, self._talo_store(group), mode=self.talo.sweep, replay=replay, ranks=self.talo_ranks,
-            rule=self.talo_rule,
+            rule=self.talo_rule, statistic=margin if self.talo.select_stat == "margin" else None,
+            screen=task_screen(self, self._talo_model(), group, lambda r: base_method([_fresh_copy(r)]), self.talo)
+            if self.talo.sweep == "screen" else None,
         )
 
     def _talo_answer_group(self, group: TaloGroup, group_requests: list, base_method: Callable) -> tuple[list, GroupReport]:
         scorer = TaskScorer(group.task, group.task_name)
         report = GroupReport.start(group)
-        selection = select_knockout(
-            group.split, self.talo, self.talo_candidate_layers, lambda: self._talo_sweep(group, base_method, scorer)
-        )
+        sweeps: list[LayerSweep] = []
+
+        def make_sweep() -> LayerSweep:
+            sweeps.append(self._talo_sweep(group, base_method, scorer))
+            return sweeps[-1]
+
+        selection = select_knockout(group.split, self.talo, self.talo_candidate_layers, make_sweep)
+        if sweeps:
+            self.talo_probe_rows.setdefault(group.task_name, []).extend(_probe_rows(group, selection, sweeps[0].store))
         report.decided(selection)
         knockout = selection.knockout(self.talo.intervention)
+        pool = set(group.split.pool)
+        self.talo_doc_info.update({(group.task_name, doc): (selection.layers, doc in pool) for doc in group.doc_requests})
         self.talo_report.add(report)
         self._talo_write_report()  # a crash later keeps the selection
 

@@ -121,6 +121,10 @@ class ProbeSplit:
         used = {unit for r in rounds for unit in r.docs}
         return [i for i, unit in enumerate(self.pool_units) if unit not in used]
 
+    def unused_units(self, rounds: Sequence[ProbeRound]) -> list:
+        """The pool units no round in `rounds` used, in pool order (select_rule=confirm's docs)."""
+        return [self.pool_units[i] for i in self._unused(rounds)]
+
     def no_redraw(self, rounds: Sequence[ProbeRound], max_redraws: int = MAX_REDRAWS) -> str | None:
         """Why no further round can be drawn after `rounds`, or None when one can."""
         if len(rounds) - 1 >= max_redraws:

@@ -76,6 +76,8 @@ class GroupReport:
     selection_reason: str = ""
     tied_layers: list = field(default_factory=list)
     interaction_vector: dict = field(default_factory=dict)
+    interaction_holm_p: dict = field(default_factory=dict)  # per layer: its paired test's p on the deciding round, Holm-adjusted
+    confirmation: dict = field(default_factory=dict)  # select_rule=confirm: docs, both scores, statistic, p, kept and why
     probe_docs: list = field(default_factory=list)
     probe_doc_scores: dict = field(default_factory=dict)
     forced: bool = False
@@ -94,6 +96,7 @@ class GroupReport:
     layer_stages: list = field(default_factory=list)  # multi-layer search steps (lmms_talo.greedy_search)
     test_variants: dict = field(default_factory=dict)  # variant label -> test entry (transfer modes)
     memory: dict = field(default_factory=dict)  # process memory once the sub-task is done (lmms_talo.memory)
+    screen: list = field(default_factory=list)  # sweep=screen, per screened round: estimates, exact layers, spearman
 
     @classmethod
     def start(cls, group) -> "GroupReport":
@@ -120,6 +123,19 @@ class GroupReport:
             self.probe_doc_scores = selection.probe_doc_scores
             self.selected_layers = list(selection.layers)
             self.layer_stages = [stage.to_dict() for stage in selection.stages]
+            self._confirmed(selection.confirmation)
+
+    def _confirmed(self, confirmation) -> None:
+        """select_rule=confirm: the confirmation record; a dropped knockout leaves no selected layer."""
+        if confirmation is None:
+            return
+        self.confirmation = confirmation.to_dict()
+        if confirmation.kept:
+            self.selection_reason += f"; {confirmation.reason}"
+        else:
+            self.selected_layer = None
+            self.tied_layers = []
+            self.selection_reason = confirmation.reason
 
     def _swept(self, result) -> None:
         final = result.final
@@ -130,6 +146,8 @@ class GroupReport:
              "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
              "selected": o.selected, "reason": o.reason,
              "evidence": {str(k): v for k, v in o.evidence.items()},
+             "p_values": {str(k): v for k, v in o.p_values.items()},
+             "holm_p": {str(k): v for k, v in o.holm.items()},
              "pruned": {str(k): p.to_dict() for k, p in pruned.items()}}
             for drawn, o, pruned in zip(result.probe_rounds, result.rounds, result.pruned_by_round())
         ]
@@ -138,12 +156,14 @@ class GroupReport:
         self.selection_reason = final.reason
         self.tied_layers = list(final.tied_layers)
         self.interaction_vector = {str(k): v for k, v in final.gains.items()}
+        self.interaction_holm_p = {str(k): v for k, v in final.holm.items()}
         self.probe_docs = list(final.probe_docs)
         self.sweep_seconds = result.seconds
         self.probe_docs_computed = result.docs_computed
         self.probe_docs_reused = result.docs_reused
         self.sweep_mode = result.mode
         self.sweep_replay = result.replay
+        self.screen = result.screen
 
     def evaluated(self, seconds: float) -> None:
         self.eval_seconds = seconds
@@ -191,6 +211,7 @@ class TaloReport:
     model_class: str
     harness_model: dict = field(default_factory=dict)  # harness_model(): classes, form, model args
     versions: dict = field(default_factory=dict)  # lmms_talo.store.library_versions
+    harness_run: dict = field(default_factory=dict)  # the harness's --limit and --predict_only
     started: float = field(default_factory=time.time)
     groups: list = field(default_factory=list)
     path: Path | None = None
@@ -214,6 +235,7 @@ class TaloReport:
             "model_class": self.model_class,
             "harness_model": self.harness_model,
             "versions": self.versions,
+            "harness_run": self.harness_run,
             "config": self.config,
             "note": (
                 "lmms-eval's own aggregate counts every evaluated doc, the probe pool included, unless "
@@ -248,8 +270,9 @@ class TaloReport:
 def summary_table(report: dict) -> str:
     """A fixed-width table: one row per sub-task. TaLo / base / diff are the task's own metric over the
     test docs (named in `metric`; "(judge)": not computed, it needs a judge); the doc-mean columns are
-    the plain means of the per-doc scores."""
-    head = (f"{'sub-task':40} {'layer':>5} {'gain':>7} {'probe':>6} {'test n':>6} {'metric':>22} {'TaLo':>7} "
+    the plain means of the per-doc scores. `holm p`: the paired test's Holm-adjusted p-value of the
+    selected layer (else of the layer with the best probe gain): above 0.05, its gain could be noise."""
+    head = (f"{'sub-task':40} {'layer':>5} {'gain':>7} {'holm p':>6} {'probe':>6} {'test n':>6} {'metric':>22} {'TaLo':>7} "
             f"{'base':>7} {'diff':>7} {'mean T':>7} {'mean B':>7}")
     lines = [head, "-" * len(head)]
     for g in report["subtasks"]:
@@ -263,7 +286,7 @@ def summary_table(report: dict) -> str:
             return "-" if x is None else format(x, spec)
 
         lines.append(
-            f"{g['subtask'][:40]:40} {layer:>5} {fmt(gain, '+.3f'):>7} {fmt(base_probe):>6} "
+            f"{g['subtask'][:40]:40} {layer:>5} {fmt(gain, '+.3f'):>7} {fmt(_holm_p(g), '.3f'):>6} {fmt(base_probe):>6} "
             f"{talo.get('n', 0):>6} {_metric_label(talo)[:22]:>22} {fmt(talo.get('score')):>7} "
             f"{fmt(base.get('score')):>7} {fmt(g.get('test_difference'), '+.3f'):>7} "
             f"{fmt(talo.get('doc_mean')):>7} {fmt(base.get('doc_mean')):>7}"
@@ -271,6 +294,15 @@ def summary_table(report: dict) -> str:
     statuses = [g.get("sweep_replay", {}).get("status", "on") for g in report["subtasks"]]
     lines += [f"prefix replay: {status}" for status in dict.fromkeys(statuses) if status != "on"]
     return "\n".join(lines)
+
+
+def _holm_p(group: dict) -> float | None:
+    """The Holm-adjusted p of the selected layer, else of the best probe gain (lowest layer on ties)."""
+    holm, gains = group.get("interaction_holm_p") or {}, group.get("interaction_vector") or {}
+    layer = group.get("selected_layer")
+    if layer is None and gains:
+        layer = min(gains, key=lambda k: (-gains[k], int(k)))
+    return holm.get(str(layer))
 
 
 def _metric_label(entry: dict) -> str:

@@ -24,6 +24,7 @@ records reproduce each rule's decision offline. Each rule is one class in the `R
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -46,6 +47,9 @@ class RoundOutcome:
     tied_layers: tuple[int, ...] = field(default=())
     evidence: dict[int, float] = field(default_factory=dict)  # a guarded rule's statistic per layer
     cleared: bool = False  # some layer's gain cleared the threshold: the probe rounds stop here
+    # Diagnostics beside the decision (not compared: two outcomes that decide alike are equal):
+    p_values: dict[int, float] = field(default_factory=dict, compare=False)  # per layer: the paired test's one-sided p
+    holm: dict[int, float] = field(default_factory=dict, compare=False)  # the same, Holm-adjusted over the candidate layers
 
 
 def mean(values: Sequence[float]) -> float:
@@ -110,11 +114,16 @@ def paired_flip_p(reference: Sequence[float], knocked: Sequence[float], seed: in
     observed = differences.sum()
     tolerance = 1e-12 * np.abs(differences).sum()  # flips that equal the observed sum count as extreme
     if differences.size <= EXACT_FLIP_LIMIT:
-        patterns = ((np.arange(2 ** differences.size)[:, None] >> np.arange(differences.size)) & 1) * 2 - 1
-        return float(np.mean(patterns @ differences >= observed - tolerance))
+        return float(np.mean(_sign_patterns(differences.size) @ differences >= observed - tolerance))
     rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
     flips = rng.choice((-1.0, 1.0), size=(FLIP_SAMPLES, differences.size))
     return float((np.sum(flips @ differences >= observed - tolerance) + 1) / (FLIP_SAMPLES + 1))
+
+
+@functools.lru_cache(maxsize=EXACT_FLIP_LIMIT + 1)
+def _sign_patterns(size: int) -> np.ndarray:
+    """Every +-1 pattern of `size` signs (2^size rows): built once per size, shared by every layer."""
+    return ((np.arange(2**size)[:, None] >> np.arange(size)) & 1) * 2.0 - 1.0
 
 
 def holm_adjusted(p_values: Mapping[Hashable, float]) -> dict:
@@ -143,6 +152,32 @@ def bootstrap_lower_bounds(differences: np.ndarray, indices: np.ndarray, alpha: 
     return np.quantile(differences @ counts.T / n_docs, alpha, axis=1)
 
 
+STATS = {
+    "score": "the per-doc score, pass/fail on most tasks",
+    "margin": "the gold option's log-likelihood margin over the best wrong option, likelihood-scored tasks only",
+}
+
+# (reference values per doc, {layer: values per doc}) of a paired statistic
+PairedValues = tuple[Mapping[Hashable, float], Mapping[int, Mapping[Hashable, float]]]
+
+
+def paired_tests(
+    probe_docs: Sequence[Hashable],
+    reference: Mapping[Hashable, float],
+    layer_values: Mapping[int, Mapping[Hashable, float]],
+    seed: int,
+    stream: str,
+) -> dict:
+    """Every candidate layer's one-sided paired test against the reference (paired_flip_p), and the
+    p-values Holm-adjusted over the candidates: which probe gains could be noise, for any rule."""
+    ref = [reference[d] for d in probe_docs]
+    p_values = {
+        layer: paired_flip_p(ref, [values[d] for d in probe_docs], seed, f"{stream}/{layer}")
+        for layer, values in layer_values.items()
+    }
+    return {"p_values": p_values, "holm": holm_adjusted(p_values)}
+
+
 @dataclass(frozen=True)
 class SelectionRule:
     """The paper's rule (`gain`): the best layer, if its mean probe gain clears the threshold. A
@@ -150,16 +185,20 @@ class SelectionRule:
     pass its test (`passes`); adding one is a subclass and a `@register` line."""
 
     name: ClassVar[str] = "gain"
+    confirms: ClassVar[bool] = False  # True: the selection must also pass a test on confirmation docs
     threshold: float = 0.0
     alpha: float = 0.05
     resamples: int = 1000
     seed: int = 0
+    stat: str = "score"  # the paired statistic of the tests (STATS); gains are always mean scores
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 1.0:
             raise RuleError(f"select_alpha must lie strictly between 0 and 1, got {self.alpha}")
         if self.resamples < 1:
             raise RuleError(f"select_resamples must be at least 1, got {self.resamples}")
+        if self.stat not in STATS:
+            raise RuleError(f"select_stat={self.stat!r} is unknown: use {' or '.join(f'{k} ({v})' for k, v in STATS.items())}")
 
     @property
     def guarded(self) -> bool:
@@ -187,13 +226,19 @@ class SelectionRule:
         reference: Mapping[Hashable, float],
         layer_doc_scores: Mapping[int, Mapping[Hashable, float]],
         stream: str = "",
+        statistic: PairedValues | None = None,
     ) -> RoundOutcome:
         """The rule's decision on one probe set; `reference` is the model the knockouts compete with
-        (the full model, or the layers already knocked out in a multi-layer search)."""
+        (the full model, or the layers already knocked out in a multi-layer search). `statistic`:
+        (reference, per layer) values of the paired statistic when it is not the score (select_stat)."""
         outcome = decide_round(probe_docs, reference, layer_doc_scores, self.threshold)
-        if not self.guarded or not outcome.gains:
+        if not outcome.gains:
             return outcome
-        evidence = self.evidence(probe_docs, reference, layer_doc_scores, stream)
+        paired = statistic or (reference, layer_doc_scores)
+        outcome = dataclasses.replace(outcome, **paired_tests(probe_docs, *paired, self.seed, stream))
+        if not self.guarded:
+            return outcome
+        evidence = self.evidence(probe_docs, *paired, stream)
         passing = {l: g for l, g in outcome.gains.items() if g > self.threshold and self.passes(evidence[l])}
         if not passing:
             best = outcome.tied_layers[0]
@@ -258,8 +303,90 @@ class Bootstrap(SelectionRule):
         bounds = bootstrap_lower_bounds(differences, bootstrap_indices(len(ref), self.resamples, self.seed, stream), self.alpha)
         return {layer: float(bound) for layer, bound in zip(layer_doc_scores, bounds)}
 
+    @property
+    def bar(self) -> float:
+        """The lower bound must clear the gain threshold; a margin is in other units: it must clear 0."""
+        return self.threshold if self.stat == "score" else 0.0
+
     def passes(self, statistic):
-        return statistic > self.threshold
+        return statistic > self.bar
 
     def describe(self, statistic):
-        return f"bootstrap {1 - self.alpha:.0%} lower bound {statistic:+.3f} (threshold {self.threshold:g})"
+        return f"bootstrap {1 - self.alpha:.0%} lower bound of the {self.stat} difference {statistic:+.3f} (must exceed {self.bar:g})"
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The confirmation test of one selected knockout on docs no probe round used."""
+
+    layers: tuple[int, ...]
+    docs: tuple  # the confirmation units; () when none were left
+    stat: str  # the paired statistic tested (STATS)
+    reference: dict  # doc -> the statistic under the full model
+    knocked: dict  # doc -> the statistic under the knockout
+    reference_scores: dict  # doc -> score under the full model
+    knocked_scores: dict  # doc -> score under the knockout
+    p_value: float | None  # one-sided paired test (paired_flip_p); None without docs
+    alpha: float
+    kept: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(layers=list(self.layers), docs=[str(d) for d in self.docs])
+        for key in ("reference", "knocked", "reference_scores", "knocked_scores"):
+            data[key] = {str(d): v for d, v in data[key].items()}
+        data["reference_score"] = mean(list(self.reference_scores.values())) if self.docs else None
+        data["knocked_score"] = mean(list(self.knocked_scores.values())) if self.docs else None
+        return data
+
+
+@register
+@dataclass(frozen=True)
+class Confirm(SelectionRule):
+    """The base rule (`base_rule`, default gain) decides the probe rounds exactly as it does alone;
+    its selection is kept only if one pre-specified one-sided paired test (paired_flip_p, on
+    select_stat) on confirmation docs, pool units no probe round used, gives p < alpha."""
+
+    name: ClassVar[str] = "confirm"
+    confirms: ClassVar[bool] = True
+    base_rule: str = "gain"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.base_rule not in RULES or RULES[self.base_rule].confirms:
+            choices = ", ".join(n for n, r in RULES.items() if not r.confirms)
+            raise RuleError(f"select_base_rule={self.base_rule!r} cannot decide the probe rounds of select_rule=confirm: choose one of {choices}")
+
+    @property
+    def base(self) -> SelectionRule:
+        parameters = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base_rule"}
+        return make_rule(self.base_rule, **parameters)
+
+    @property
+    def guarded(self) -> bool:
+        return self.base.guarded
+
+    def decide(self, probe_docs, reference, layer_doc_scores, stream="", statistic=None) -> RoundOutcome:
+        return self.base.decide(probe_docs, reference, layer_doc_scores, stream, statistic)
+
+    def confirm(self, layers, docs, scores: PairedValues, statistic: PairedValues | None = None, stream: str = "") -> Confirmation:
+        """Test `layers` on the confirmation `docs`: `scores` = (full model, knockout) per-doc scores,
+        `statistic` the same for select_stat when it is not the score."""
+        (ref_scores, knocked_scores), (ref, knocked) = scores, statistic or scores
+        docs = tuple(docs)
+        label = "+".join(map(str, layers))
+        if not docs:
+            reason = f"confirm: layer {label} dropped: no pool unit is left unprobed to confirm it on (raise the pool: more docs, or fewer redraws)"
+            return Confirmation(tuple(layers), (), self.stat, {}, {}, {}, {}, None, self.alpha, False, reason)
+        p = paired_flip_p([ref[d] for d in docs], [knocked[d] for d in docs], self.seed, f"{stream}/confirm/{label}")
+        kept = p < self.alpha
+        difference = mean([knocked_scores[d] for d in docs]) - mean([ref_scores[d] for d in docs])
+        reason = (
+            f"confirm: layer {label} {'kept' if kept else 'dropped'}: on {len(docs)} confirmation docs its score "
+            f"differs by {difference:+.3f}, one-sided paired test on the {self.stat} p={p:.3g} "
+            f"({'<' if kept else '>='} alpha {self.alpha:g})"
+        )
+        pick = lambda values: {d: values[d] for d in docs}
+        return Confirmation(tuple(layers), docs, self.stat, pick(ref), pick(knocked), pick(ref_scores),
+                            pick(knocked_scores), p, self.alpha, kept, reason)

@@ -111,6 +111,32 @@ class TaskScorer:
         filtered = self._filtered(doc, requests, responses, filters)
         return {key: self.task.process_results(doc, values) for key, values in filtered.items()}
 
+    def check_margin(self) -> None:
+        """select_stat=margin reads option log-likelihoods: only multiple-choice likelihood tasks have them."""
+        kind = getattr(self.task, "OUTPUT_TYPE", None)
+        if kind != "multiple_choice":
+            raise ScoringError(
+                f"select_stat=margin needs a likelihood-scored multiple-choice task; {self.task_name!r} is "
+                f"{kind}: use select_stat=score for it"
+            )
+
+    def margin(self, doc: dict, responses: Sequence[Any], losses: bool) -> float:
+        """The gold option's log-likelihood minus the best wrong option's, from the doc's raw
+        (log-likelihood, is_greedy) responses, one per option, the gold as the task's multiple-choice
+        process_results reads it (doc_to_target: an index or the option text). `losses`: the harness
+        returns negated log-likelihoods (lmms-eval: its process_results takes the argmin)."""
+        choices = self.task.doc_to_choice(doc)
+        lls = [float(r[0]) for r in responses][: len(choices)]  # mutual-information tasks append unconditional ones
+        lls = [-ll for ll in lls] if losses else lls
+        gold = self.task.doc_to_target(doc)
+        gold = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
+        if not isinstance(gold, int) or not 0 <= gold < len(choices) or len(choices) < 2:
+            raise ScoringError(
+                f"select_stat=margin needs one gold option among at least two in {self.task_name!r}; doc_to_target "
+                f"gave {gold!r} for {len(choices)} options: use select_stat=score"
+            )
+        return lls[gold] - max(ll for i, ll in enumerate(lls) if i != gold)
+
     def _filtered(self, doc: dict, requests: Sequence[Any], responses: Sequence[Any], filters: Sequence) -> dict:
         """filter name -> the doc's filtered responses, one per request, as the evaluator passes them
         to process_results (lmms-eval also strips reasoning tags, e.g. <think>...</think>)."""

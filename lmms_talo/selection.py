@@ -5,7 +5,9 @@ and returns a `Selection` value: the layers to knock out and the evidence behind
 either harness only applies it. The order is fixed: a forced layer needs no probing; a sub-task with
 no probe pool is answered by the full model; otherwise the sweep runs the probe rounds, the rule
 decides each round (lmms_talo.rules), and the greedy multi-layer search (lmms_talo.greedy_search)
-may add layers on top, decided by the same rule.
+may add layers on top, decided by the same rule. A confirming rule (select_rule=confirm) then tests
+the chosen knockout against the full model on confirmation docs: the pool units no probe round
+used, so the test set is the same as under any other rule. Only the rule decides.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .config import TaloConfig
 from .greedy_search import LayerStage, search_more_layers
 from .interventions import Knockout
 from .probe import ProbeSplit
+from .rules import Confirmation
 from .sweep import LayerSweep, SweepResult
 
 
@@ -29,6 +32,7 @@ class Selection:
     not_probed: str | None = None  # why the sub-task was not probed (then `sweep` is None)
     sweep: SweepResult | None = None
     stages: tuple[LayerStage, ...] = ()
+    confirmation: Confirmation | None = None  # select_rule=confirm: the test of the searched layers
 
     def knockout(self, intervention: str) -> Knockout | None:
         return Knockout(self.layers, intervention) if self.layers else None
@@ -57,4 +61,20 @@ def select_knockout(
     sweep = make_sweep()
     result = sweep.run(split, candidate_layers, config.intervention, config.max_redraws)
     layers, stages = search_more_layers(sweep, result, config.intervention, config.max_layers, split.name)
-    return Selection(layers, sweep=result, stages=tuple(stages))
+    confirmation = None
+    if sweep.rule.confirms and layers:
+        confirmation = confirm_knockout(sweep, split, result, Knockout(layers, config.intervention))
+        layers = layers if confirmation.kept else ()
+    return Selection(layers, sweep=result, stages=tuple(stages), confirmation=confirmation)
+
+
+def confirm_knockout(sweep: LayerSweep, split: ProbeSplit, result: SweepResult, knockout: Knockout) -> Confirmation:
+    """The full model and `knockout` on the pool units no probe round used (two passes per doc,
+    through the sweep's store), and the rule's confirmation test on them."""
+    docs = split.unused_units(result.probe_rounds)
+    cost = SweepResult((), [])
+    scores = (sweep.doc_scores(None, docs, cost), sweep.doc_scores(knockout, docs, cost)) if docs else ({}, {})
+    statistic = sweep.paired_statistic("base", {"knocked": knockout.label}, docs, cost) if docs else None
+    if statistic is not None:
+        statistic = (statistic[0], statistic[1]["knocked"])
+    return sweep.rule.confirm(knockout.layers, docs, scores, statistic, stream=split.name)

@@ -11,10 +11,13 @@ It runs doc by doc: the base pass of a doc, then that doc's knockout variants. W
 it, so only one doc's records are alive at a time. Replay checks itself in every sweep (one
 sub-task, one request type): on the first doc it replays (and on the first doc whose model calls
 take another route), one variant also runs in full, and any difference turns replay off for the
-rest of the run (LayerSweep._checked_run). Two modes:
+rest of the run (LayerSweep._checked_run). Three modes:
   full    every candidate layer on every probe doc: the whole Task-Layer Interaction Vector.
   select  the same selected layer with less work: a layer stops being evaluated once even perfect
           scores on its remaining docs could not make it the selection (exact pruning, LayerPruner).
+  screen  a gradient screen (lmms_talo.screen) estimates every layer's effect from one forward and
+          backward pass per probe doc; the top screen_top layers and screen_random seeded others run
+          exactly, and the rule decides among those only (the selection is always exactly scored).
 Under several processes (lmms_talo.parallel) each rank runs a share of the layers and the ranks
 merge their scores, so every rank decides the same way.
 """
@@ -33,13 +36,15 @@ from .parallel import RankMismatchError, Ranks
 from .probe import MAX_REDRAWS, ProbeRound, ProbeSplit
 from .replay import PrefixReplay, ReplayStats
 from .rules import RoundOutcome, SelectionRule, baseline_is_perfect, make_rule, mean
+from .screen import Screen, chosen_layers, spearman
 from .store import ProbeStore
 
 
 Answer = Callable[[Knockout | None, Sequence[Hashable]], dict]
 Score = Callable[[Hashable, list], float]
+Statistic = Callable[[Hashable, list], float]  # a per-doc statistic from the same responses (select_stat)
 
-SWEEP_MODES = ("full", "select")
+SWEEP_MODES = ("full", "select", "screen")
 
 
 class SweepModeError(ValueError):
@@ -51,7 +56,8 @@ def check_sweep_mode(mode: str, rule: SelectionRule | None = None) -> str:
     if mode not in SWEEP_MODES:
         raise SweepModeError(
             f"sweep={mode!r} is unknown: use full (every layer on every probe doc, the whole interaction "
-            f"vector) or select (the same selected layer, hopeless layers pruned early)"
+            f"vector), select (the same selected layer, hopeless layers pruned early) or screen (a gradient "
+            f"screen ranks the layers, the top screen_top and screen_random others run exactly)"
         )
     if mode == "select" and rule is not None and rule.guarded:
         raise SweepModeError(
@@ -77,6 +83,7 @@ class SweepResult:
     candidate_layers: tuple[int, ...]
     rounds: list[RoundOutcome]
     doc_scores: dict[str, dict] = field(default_factory=dict)  # variant label -> {doc: score}
+    doc_stats: dict[str, dict] = field(default_factory=dict)  # variant label -> {doc: statistic}, with a statistic
     docs_computed: int = 0  # (variant, doc) pairs run on the model in this process
     docs_reused: int = 0  # pairs read back from the store
     seconds: float = 0.0
@@ -85,6 +92,7 @@ class SweepResult:
     replay: dict = field(default_factory=dict)  # prefix replay's work counters, when it was on
     probe_rounds: list[ProbeRound] = field(default_factory=list)  # each round's units and why it was drawn
     stopped: str = ""  # why the rounds ended
+    screen: list[dict] = field(default_factory=list)  # per screened round (screen mode): estimates, exact layers, spearman
 
     @property
     def final(self) -> RoundOutcome:
@@ -164,14 +172,22 @@ class LayerSweep:
         replay: PrefixReplay | None = None,
         ranks: Ranks | None = None,
         rule: SelectionRule | None = None,
+        statistic: Statistic | None = None,
+        screen: Screen | None = None,
     ):
         self.rule = rule or make_rule("gain")
+        if self.rule.stat != "score" and statistic is None:
+            raise SweepModeError(f"select_stat={self.rule.stat} needs a per-doc statistic, and this sweep computes none")
+        self.statistic = statistic if self.rule.stat != "score" else None
         self.answer = answer
         self.score = score
         self.store = store
         self.mode = check_sweep_mode(mode, self.rule)
         self.replay = replay
         self.ranks = ranks or Ranks()
+        self.screen = screen
+        if self.mode == "screen" and screen is None:
+            raise SweepModeError("sweep=screen needs a gradient screen (lmms_talo.screen.Screen), and this sweep was given none")
         self._known: dict[tuple[str, str], tuple[float, list]] = {}  # computed or merged in this process
         self._checked_shapes: set[frozenset] = set()  # shapes of replayed passes compared with a full pass
 
@@ -183,6 +199,17 @@ class LayerSweep:
     def _remember(self, label: str, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
         self._known[(label, str(doc))] = (score, responses)
         result.doc_scores.setdefault(label, {})[str(doc)] = score
+        if self.statistic is not None:
+            result.doc_stats.setdefault(label, {})[str(doc)] = self.statistic(doc, responses)
+
+    def paired_statistic(self, reference: str, labels: Mapping, docs: Sequence[Hashable], result: SweepResult):
+        """(reference label's, {key: label's}) statistic per doc, for the rule's paired tests; None
+        when the statistic is the score itself."""
+        if self.statistic is None:
+            return None
+        stats = result.doc_stats
+        pick = lambda label: {d: stats[label][str(d)] for d in docs}
+        return pick(reference), {key: pick(label) for key, label in labels.items()}
 
     def _run(self, knockout: Knockout | None, doc: Hashable, replaying: bool) -> tuple[float, list]:
         context = self.replay.variant(knockout) if replaying else contextlib.nullcontext()
@@ -349,7 +376,8 @@ class LayerSweep:
         if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
             return self.rule.decide(probe, base, {}, stream), {}
         layer_scores = {layer: {d: rows[str(layer)][d][0] for d in probe} for layer in layers}
-        return self.rule.decide(probe, base, layer_scores, stream), {}
+        statistic = self.paired_statistic("base", {layer: str(layer) for layer in layers}, probe, result)
+        return self.rule.decide(probe, base, layer_scores, stream, statistic), {}
 
     def _select_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
         """Base scores first (the pruning bounds need the baseline), then the layers doc by doc,
@@ -377,6 +405,50 @@ class LayerSweep:
         outcome = self.rule.decide(probe, base, {layer: pruner.scores[layer] for layer in survivors}, stream)
         return outcome, pruner.pruned
 
+    def _screen_estimates(self, probe, layers, intervention) -> dict:
+        """{doc: {layer: estimated effect}} for the probe docs, from the store (label "screen") or
+        computed (each rank a share of the docs, then merged), persisted as each lands."""
+        estimates, todo = {}, []
+        for doc in probe:
+            hit = self._lookup("screen", doc)
+            stored = hit[1][0] if hit else {}
+            if all(str(layer) in stored for layer in layers):
+                estimates[doc] = {layer: stored[str(layer)] for layer in layers}
+            else:
+                todo.append(doc)
+        mine = {}
+        for doc in self.ranks.share(todo):
+            with self._doc_records():
+                value, effects = self.screen.effects(doc, self._row("base", doc)[1], layers, intervention)
+            self.store.put("screen", doc, value, [{str(layer): e for layer, e in effects.items()}])
+            mine[doc] = effects
+        for part in self.ranks.all_gather(mine):
+            estimates.update(part)
+        return estimates
+
+    def _screen_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
+        """Base scores, the screen's estimates, then the full round over the chosen layers only:
+        the rule decides among exactly scored layers. With screen_top >= the number of layers this is
+        the full round itself."""
+        base = {doc: self._doc(doc, [], result)[0] for doc in probe}
+        self._merge(base, {}, result)
+        if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
+            return self.rule.decide(probe, base, {}, stream), {}
+        estimates = self._screen_estimates(probe, layers, intervention)
+        totals = {layer: sum(estimates[d][layer] for d in probe) for layer in layers}
+        top, drawn = chosen_layers(totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}")
+        exact = sorted(top + drawn)
+        outcome, pruned = self._full_round(probe, exact, intervention, result, False, stream)
+        gains = {layer: mean([result.doc_scores[str(layer)][str(d)] for d in probe]) - outcome.baseline for layer in exact}
+        result.screen.append({
+            "round": len(result.rounds),
+            "estimates": {str(layer): totals[layer] for layer in layers},
+            "top": top, "random": drawn,
+            "exact_gains": {str(layer): gains[layer] for layer in exact},
+            "spearman": spearman([totals[layer] for layer in exact], [gains[layer] for layer in exact]),
+        })
+        return outcome, pruned
+
     def run(
         self,
         split: ProbeSplit,
@@ -389,7 +461,7 @@ class LayerSweep:
         threshold = self.rule.threshold
         started = time.perf_counter()
         result = SweepResult(tuple(candidate_layers), [], mode=self.mode)
-        play = self._select_round if self.mode == "select" else self._full_round
+        play = {"select": self._select_round, "screen": self._screen_round}.get(self.mode, self._full_round)
         replaying = self.replay.installed() if self.replay is not None else contextlib.nullcontext()
         with replaying:
             self.ranks.barrier()  # every rank has read the store before any rank appends to it

@@ -27,3 +27,14 @@ def tiny_model_dir(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def talo_log(caplog):
+    """lmms-talo's logger does not propagate to the root (lmms_talo.logs): caplog reads it directly."""
+    import logging
+
+    logger = logging.getLogger("lmms_talo")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)

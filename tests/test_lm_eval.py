@@ -111,6 +111,15 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
     assert mc["test"]["talo"]["score"] == 1.0 and mc["test"]["base"]["score"] < 1.0
     # lm-eval's own aggregate (pool docs included) comes from the knocked-out model's answers
     assert results["results"]["bb_oracle"]["acc,none"] == 1.0
+    # lm-eval's own files carry the decision: a `talo` block beside `results`, a `talo` field per sample row
+    assert results["talo"]["subtasks"]["bb_oracle"]["knockout"] == [ORACLE_LAYER] and "talo" not in results["results"]
+    (mc_samples,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_2*.jsonl")
+    rows = [json.loads(line) for line in mc_samples.read_text().splitlines()]
+    assert rows and all(r["talo"] == {"knockout": [ORACLE_LAYER], "in_probe_pool": r["doc_id"] in set(mc["pool"])} for r in rows)
+    (probe_log,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_talo_probe_2*.jsonl")  # lm-eval's naming, TaLo's suffix
+    probe_rows = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    assert {(r["variant"], r["unit"]) for r in probe_rows} == {(v, d) for v, docs in mc["probe_doc_scores"].items() for d in docs}
+    assert all(len(r["responses"]) == 4 and all(len(option) == 2 for option in r["responses"]) for r in probe_rows)  # (log p, greedy) per option
     assert "talo_hf" in proc.stdout + proc.stderr
     assert 0 < mc["memory"]["rss_mb"] <= mc["memory"]["peak_rss_mb"] < 64 * 1024  # recorded once the sub-task is done
 
@@ -125,7 +134,7 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
         for key in ("pool", "probe_docs", "selected_layer", "interaction_vector", "probe_doc_scores", "rounds"):
             assert ours[key] == theirs[key], f"{task}: the harnesses disagree on {key}"
     assert lmms_report["bb_oracle"]["test"]["talo"]["doc_scores"] == mc["test"]["talo"]["doc_scores"]
-    (lm_samples,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_gen_*.jsonl")
+    (lm_samples,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_gen_2*.jsonl")
     (lmms_samples,) = (tmp_path / "lmms_out").rglob("*_samples_bb_oracle_gen.jsonl")
     assert _generated(lm_samples) == _generated(lmms_samples)  # the same greedy answers, doc for doc
 
@@ -232,3 +241,18 @@ def test_the_lm_eval_path_imports_no_lmms_eval_module(oracle_tasks, tmp_path):
     assert by_task["bb_oracle"]["selected_layer"] == ORACLE_LAYER
     assert by_task["bb_oracle_gen"]["request_type"] == "generate_until"
     assert sorted((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_the_pinned_lm_eval_finds_talo_hf_only_through_the_wrapper():
+    """lm-eval 0.4.13 reads no entry-point group for models, so `lm_eval --model talo_hf` alone cannot
+    find the model and `lmms-talo lm-eval` registers it first (README). Should a release add model
+    entry points, this test fails and lmms-talo should register `talo_hf` there too."""
+    program = (
+        "import lm_eval.models\n"
+        "from lm_eval.api.registry import get_model\n"
+        "try:\n    get_model('talo_hf')\nexcept Exception as exc:\n    print('unknown:', exc)\nelse:\n    print('found')\n"
+        "from lmms_talo.lm_eval.model import register\nregister()\nprint('registered:', get_model('talo_hf').__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unknown:" in proc.stdout and "registered: TaloHFLM" in proc.stdout

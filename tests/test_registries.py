@@ -58,10 +58,17 @@ def test_an_unregistered_intervention_is_refused_with_the_registered_names():
         TaloConfig.pop_from({"intervention": "halve"})
 
 
-def test_the_readme_lists_every_registered_intervention():
-    row = next(line for line in README.read_text().splitlines() if line.startswith("| `intervention`"))
+def _readme_row(arg: str) -> str:
+    return next(line for line in README.read_text().splitlines() if line.startswith(f"| `{arg}`"))
+
+
+def test_the_readme_lists_every_registered_intervention_and_rule():
+    from lmms_talo.rules import RULES
+
     for name in interventions.names():
-        assert f"`{name}`" in row, f"README's intervention row misses {name}"
+        assert f"`{name}`" in _readme_row("intervention"), f"README's intervention row misses {name}"
+    for name in RULES:
+        assert f"`{name}`" in _readme_row("select_rule"), f"README's select_rule row misses {name}"
 
 
 def test_a_registered_rule_is_accepted_and_decides(monkeypatch):

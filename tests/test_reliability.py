@@ -168,7 +168,7 @@ def test_a_plain_evaluation_after_a_talo_one_sees_none_of_its_state(tmp_path, ti
                                   batch_size=1, force_simple=True)
         return results["results"]["talo_scoped"]["exact_match,none"]
 
-    talo = get_model("talo_llava", True).create_from_arg_string(f"{model_args},probe_shots=3,force_layer=1,state_dir=none")
+    talo = get_model("talo_llava", True).create_from_arg_string(f"{model_args},probe_shots=3,force_layer=1,state_dir=none,report={tmp_path / 'r.json'}")
     assert evaluate(talo) == all_mean, "force_layer probes nothing: every doc is a test doc"
     assert evaluation_scope.published("talo_scoped") is None and evaluation_scope.published_names() == []
     with pytest.raises(RuntimeError, match="no evaluation in progress"):
@@ -190,7 +190,8 @@ def _probe(model, cls_kind, tmp_path, tiny_model_dir, break_it):
     folder = write_image_task(tmp_path / "task", "talo_swallowed", [f"a{i % 3}" for i in range(9)])
     arch = {"talo_llava": "llava", "talo_qwen2_vl": "qwen2_vl"}[model]
     lm = get_model(model, cls_kind == "simple").create_from_arg_string(
-        f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1,state_dir=none"
+        f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1,state_dir=none,"
+        f"report={tmp_path / 'r.json'}"
     )
     break_it(lm)
     simple_evaluate(model=lm, tasks=["talo_swallowed"], task_manager=TaskManager(include_path=str(folder)),

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import evaluation_scope
-from ..harness import Harness
+from ..harness import Harness, remember_own_scoring
+from ..harness_outputs import with_probe_log
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,25 @@ def set_output_path(path: str | None) -> None:
 def _scope(lm, task_dict, kwargs):
     # lm-eval 0.4.13 passes {"tasks": {name: Task}, "groups": ..., "group_map": ...}; older ones a nested dict
     nested = isinstance(task_dict, dict) and isinstance(task_dict.get("tasks"), dict)
-    return evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict["tasks"] if nested else task_dict), RUN["args"])
+    tasks = evaluation_scope.tasks_of(task_dict["tasks"] if nested else task_dict)
+    return evaluation_scope.evaluation(tasks, RUN["args"], kwargs.get("limit"))
 
 
 class LmEval(Harness):
     name = "lm-eval"
     model_packages = ("lm_eval.models",)
+    likelihood_is_loss = False  # log-likelihoods: its multiple_choice process_results takes the argmax
 
     def install(self) -> None:
         import lm_eval.evaluator as evaluator
+        from lm_eval.api.task import Task
+        from lm_eval.loggers.evaluation_tracker import EvaluationTracker
 
         evaluation_scope.wrap_evaluate(evaluator, _scope)
+        remember_own_scoring(Task)
+        EvaluationTracker.save_results_samples = with_probe_log(
+            EvaluationTracker.save_results_samples, lambda date, task: (f"samples_{task}_{date}.jsonl", f"samples_{task}_talo_probe_{date}.jsonl")
+        )
 
     def request(self, task: Any, request_type: str, arguments: Sequence[Any], idx: int, metadata: Any) -> Any:
         from lm_eval.api.instance import Instance

@@ -6,7 +6,8 @@ import contextlib
 from typing import Any, Sequence
 
 from .. import evaluation_scope
-from ..harness import Harness
+from ..harness import Harness, remember_own_scoring
+from ..harness_outputs import with_probe_log
 from .fixes import loglikelihood_outputs_kept, unwrap_output
 
 
@@ -17,18 +18,26 @@ def _scope(lm, task_dict: dict, kwargs: dict):
     from ..mixin import TaloMixin
 
     repairs = loglikelihood_outputs_kept() if isinstance(lm, TaloMixin) else contextlib.nullcontext()
-    with evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict), kwargs.get("cli_args")), repairs:
+    scope = evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict), kwargs.get("cli_args"), kwargs.get("limit"))
+    with scope, repairs:
         yield
 
 
 class LmmsEval(Harness):
     name = "lmms-eval"
     model_packages = ("lmms_eval.models",)
+    likelihood_is_loss = True  # its multiple_choice process_results takes the argmin
 
     def install(self) -> None:
         import lmms_eval.evaluator as evaluator
+        from lmms_eval.api.task import Task
+        from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
 
         evaluation_scope.wrap_evaluate(evaluator, _scope)
+        remember_own_scoring(Task)
+        EvaluationTracker.save_results_samples = with_probe_log(
+            EvaluationTracker.save_results_samples, lambda date, task: (f"{date}_samples_{task}.jsonl", f"{date}_samples_{task}_talo_probe.jsonl")
+        )
 
     def unwrap(self, output: Any) -> Any:
         return unwrap_output(output)[0]

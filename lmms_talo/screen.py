@@ -1,0 +1,354 @@
+"""A gradient screen for the layer sweep (sweep=screen): one forward and one backward pass of the base
+model per probe doc estimate every candidate layer's knockout effect at once, and only the layers
+the screen favours (plus a few seeded random others) are then run exactly.
+
+The estimate is first order (attribution patching): with h_l the output of decoder layer l and h'_l
+its output under the intervention, computed from the same layer input,
+    effect_l ~ sum((h'_l - h_l) * dS/dh_l)
+for a differentiable per-doc score S. h'_l comes from re-running layer l under the intervention's
+own hooks (lmms_talo.interventions), so every registered intervention is screened the way it runs,
+and the difference includes the layer's MLP reacting to the changed attention output. Gradients are
+taken with respect to activations only: a zero tensor added to every candidate layer's output is the
+only thing differentiated (torch.autograd.grad), so no parameter gets a gradient, no parameter's
+requires_grad is touched and no weight is written.
+
+S per doc (`ScreenItem`):
+  loglikelihood    the gold option's log-likelihood margin over the best wrong option, each option
+                   tokenised by the model class's own pair encoder (hf_causal_lm's encode_pair,
+                   lm-eval HFLM's _encode_pair);
+  generate_until   the teacher-forced log-likelihood of the task's target minus that of the base
+                   model's own answer, both appended to the prompt exactly as the model class built
+                   it (captured by a forward pre-hook on the first model call of the request, which
+                   is then cut short: images, chat template and processor included).
+A doc the base model answers with the target itself has S = 0 for generation: the screen sees no
+signal there (the exact confirmation still scores it).
+
+Nothing here decides: the sweep (lmms_talo.sweep) ranks layers by their summed estimates, runs the
+chosen ones exactly and lets the selection rule decide among them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import decoder_layers, unwrap
+from .interventions import intervention as get_intervention
+
+
+class ScreenError(RuntimeError):
+    """The screen cannot build its score for these requests."""
+
+
+# Model-call kwargs that belong to one incremental call, not to the prompt: dropped from a captured prompt.
+_CALL_STATE = ("past_key_values", "cache", "use_cache", "cache_position", "position_ids", "logits_to_keep",
+               "return_dict", "output_attentions", "output_hidden_states", "rope_deltas")
+
+
+@dataclass
+class ScreenItem:
+    """One doc's part of S: log p(option `gold`) minus the best of the other options' log p. An option
+    is (prompt, continuation ids): the prompt's forward kwargs (input_ids of shape 1 x T, images etc.)."""
+
+    options: list[tuple[dict, list[int]]]
+    gold: int
+
+
+# --- the per-doc score and its gradient ---
+
+
+def _text_only(prompt: dict) -> bool:
+    return set(prompt) <= {"input_ids", "attention_mask"}
+
+
+def _logprobs(model: nn.Module, options: list[tuple[dict, list[int]]]) -> list[torch.Tensor]:
+    """Teacher-forced sum log p of each option's continuation after its prompt: one batch when the
+    options share one text-only prompt, one forward per option otherwise."""
+    first = options[0][0]
+    shared = all(_text_only(p) and torch.equal(p["input_ids"], first["input_ids"]) for p, _ in options)
+    groups = [options] if shared else [[option] for option in options]
+    out = []
+    for group in groups:
+        prompt = group[0][0]
+        ids = prompt["input_ids"]
+        extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
+        mask = prompt.get("attention_mask", torch.ones_like(ids))
+        group = [c for _, c in group]
+        longest = max(len(c) for c in group)
+        rows = torch.stack([torch.cat([ids[0], torch.tensor(c + [0] * (longest - len(c)), dtype=ids.dtype, device=ids.device)]) for c in group])
+        masks = torch.stack([torch.cat([mask[0], torch.tensor([1] * len(c) + [0] * (longest - len(c)), dtype=mask.dtype, device=mask.device)]) for c in group])
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:  # the continuation's positions only
+            extra = dict(extra, logits_to_keep=longest + 1)
+        logits = model(input_ids=rows, attention_mask=masks, use_cache=False, **extra).logits
+        logits = logits[:, -longest - 1 : -1]
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        for row, c in enumerate(group):
+            target = torch.tensor(c, device=logp.device)
+            out.append(logp[row, torch.arange(len(c), device=logp.device), target].sum())
+    return out
+
+
+def _item_score(model: nn.Module, item: ScreenItem) -> torch.Tensor:
+    logp = _logprobs(model, item.options)
+    rivals = [lp for i, lp in enumerate(logp) if i != item.gold]
+    return logp[item.gold] - torch.stack(rivals).max()
+
+
+@contextlib.contextmanager
+def _perturbable(model: nn.Module, layers: Sequence[int], intervention: str):
+    """Forward hooks on the candidate layers: each adds a zero tensor z (the one thing differentiated)
+    to the layer's output and keeps h' - h, the layer's output under the intervention minus its own."""
+    sites = decoder_layers(model)
+    chosen = get_intervention(intervention)
+    taken: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {layer: [] for layer in layers}
+    inside: list = []
+
+    def hook_for(site):
+        def hook(module, args, kwargs, output):
+            if inside:  # the intervention's own re-run of this layer
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            inside.append(site.index)
+            handles = []
+            try:
+                handles = chosen.hooks(site)
+                with torch.no_grad():
+                    alt = module(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                inside.pop()
+            alt = alt[0] if isinstance(alt, tuple) else alt
+            z = torch.zeros_like(hidden, requires_grad=True)
+            taken[site.index].append((z, (alt - hidden).detach()))
+            moved = hidden + z
+            return (moved,) + tuple(output[1:]) if isinstance(output, tuple) else moved
+
+        return hook
+
+    handles = [sites[layer].layer.register_forward_hook(hook_for(sites[layer]), with_kwargs=True) for layer in layers]
+    try:
+        yield taken
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def doc_effects(model: nn.Module, items: Sequence[ScreenItem], layers: Sequence[int], intervention: str) -> tuple[float, dict[int, float]]:
+    """(S of one doc, {layer: estimated change of S under the knockout}): one forward and one
+    backward over the doc's items, gradients with respect to activations only."""
+    model = unwrap(model)
+    items = [item for item in items if len(item.options) > 1]
+    if not items:
+        return 0.0, {layer: 0.0 for layer in layers}
+    with torch.inference_mode(False), torch.enable_grad(), _perturbable(model, layers, intervention) as taken:
+        score = torch.stack([_item_score(model, item) for item in items]).sum()
+        pairs = [(layer, z, delta) for layer in layers for z, delta in taken[layer]]
+        grads = torch.autograd.grad(score, [z for _, z, _ in pairs], allow_unused=True)
+    effects = {layer: 0.0 for layer in layers}
+    for (layer, _, delta), grad in zip(pairs, grads):
+        if grad is not None:
+            effects[layer] += float((delta.double() * grad.double()).sum())
+    return float(score.detach()), effects
+
+
+# --- S's inputs from the harness's requests ---
+
+
+class _PromptTaken(Exception):
+    """Raised by the capture hook once the prompt's model call has been seen."""
+
+
+def capture_prompt(model: nn.Module, run: Callable[[], Any]) -> dict:
+    """The kwargs of the first model call `run()` makes (the prompt's prefill), the run cut short there."""
+    model = unwrap(model)
+    taken: dict = {}
+
+    def hook(module, args, kwargs):
+        if not taken:
+            taken.update(kwargs)
+            if args:
+                taken["input_ids"] = args[0]
+        raise _PromptTaken
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _PromptTaken:
+        pass
+    finally:
+        handle.remove()
+    if "input_ids" not in taken or not isinstance(taken["input_ids"], torch.Tensor):
+        raise ScreenError("sweep=screen: the model class's first model call carried no input_ids (inputs_embeds only?): screen it with sweep=full")
+    if taken["input_ids"].shape[0] != 1:
+        raise ScreenError(f"sweep=screen: one request's prompt came as a batch of {taken['input_ids'].shape[0]} rows: screen it with sweep=full")
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in taken.items() if k not in _CALL_STATE and v is not None}
+
+
+def tokenizer_of(lm: Any):
+    for path in ("tokenizer", "_tokenizer", "processor.tokenizer", "_processor.tokenizer", "tok"):
+        obj = lm
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and callable(getattr(obj, "encode", None)):
+            return obj
+    raise ScreenError(f"sweep=screen: found no tokenizer on {type(lm).__name__} (tokenizer, processor.tokenizer)")
+
+
+def pair_encoder(lm: Any) -> Callable[[str, str], tuple[list[int], list[int]]] | None:
+    """(context ids, continuation ids) exactly as the model class tokenises a loglikelihood request;
+    None when the class has no pair encoder (its captured call's labels then mark the continuation)."""
+    if callable(getattr(lm, "encode_pair", None)) and callable(getattr(lm, "prompt", None)):
+        return lambda context, continuation: lm.encode_pair(lm.prompt(context), continuation)
+    if callable(getattr(lm, "_encode_pair", None)):  # lm-eval's HFLM
+        return lambda context, continuation: tuple(lm._encode_pair(context, continuation))
+    return None
+
+
+def gold_of(task: Any, doc: Any, index: bool) -> Any:
+    """The task's target as an option index (`index`: loglikelihood) or as a text (generation)."""
+    target = task.doc_to_target(doc)
+    if isinstance(target, list):
+        target = target[0]
+    choices = list(task.doc_to_choice(doc)) if getattr(getattr(task, "config", None), "doc_to_choice", None) else None
+    if choices and index and isinstance(target, str) and target in choices:
+        return choices.index(target)
+    if choices and not index and isinstance(target, int) and 0 <= target < len(choices):
+        return choices[target]
+    return target
+
+
+def _check_option(gold: Any, count: int) -> int:
+    if not isinstance(gold, int) or not 0 <= gold < count:
+        raise ScreenError(f"sweep=screen: the task's target {gold!r} is not an option index of the doc's {count} options")
+    return gold
+
+
+def encoded_option(encode, request, device) -> tuple[dict, list[int]]:
+    """A loglikelihood request as the model class's pair encoder tokenises it."""
+    context, continuation = encode(request.args[0], request.args[1])
+    return {"input_ids": torch.tensor([list(context)], device=device)}, list(continuation)
+
+
+def labelled_option(prompt: dict) -> tuple[dict, list[int]]:
+    """A loglikelihood request from its captured model call, whose `labels` mark the continuation
+    (-100 over the context: lmms-eval's LLaVA and others)."""
+    labels = prompt.pop("labels", None)
+    if labels is None:
+        raise ScreenError(
+            "sweep=screen: the model class has no pair encoder (encode_pair, _encode_pair) and its loglikelihood "
+            "call carries no labels marking the continuation: screen it with sweep=full"
+        )
+    scored = (labels[0] != -100).nonzero().flatten()
+    if len(scored) == 0 or not torch.equal(scored, torch.arange(int(scored[0]), labels.shape[1], device=scored.device)):
+        raise ScreenError("sweep=screen: the captured labels do not mark one continuation at the end of the input")
+    start = int(scored[0])
+    ids = prompt["input_ids"]
+    prompt = dict(prompt, input_ids=ids[:, :start])
+    if "attention_mask" in prompt:
+        prompt["attention_mask"] = prompt["attention_mask"][:, :start]
+    return prompt, ids[0, start:].tolist()
+
+
+def generation_item(prompt: dict, tokenizer, gold: Any, answer: str) -> ScreenItem:
+    if isinstance(gold, int):
+        raise ScreenError(f"sweep=screen: a generation task's target is the option index {gold}, not a text")
+    wanted = [tokenizer.encode(str(text), add_special_tokens=False) for text in (gold, answer)]
+    wanted = [ids or [tokenizer.eos_token_id or 0] for ids in wanted]
+    if wanted[0] == wanted[1]:
+        return ScreenItem([(prompt, wanted[0])], 0)  # answered with the target: no signal
+    return ScreenItem([(prompt, ids) for ids in wanted], 0)
+
+
+# --- which layers run exactly ---
+
+
+def chosen_layers(totals: dict[int, float], top: int, others: int, seed: str) -> tuple[list[int], list[int]]:
+    """(the `top` layers with the highest summed estimate, `others` further layers drawn with `seed`);
+    ties go to the lower layer."""
+    ranked = sorted(totals, key=lambda layer: (-totals[layer], layer))
+    best = sorted(ranked[:top])
+    rest = sorted(ranked[top:])
+    drawn = sorted(random.Random(seed).sample(rest, min(others, len(rest))))
+    return best, drawn
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None below 3 points or with a constant side."""
+    if len(x) < 3:
+        return None
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
+
+
+@dataclass
+class Screen:
+    """What the sweep needs to screen a sub-task: the model, the items of a probe unit (from its
+    base responses), and how many layers run exactly."""
+
+    model: nn.Module
+    items: Callable[[Hashable, list], list[ScreenItem]]
+    top: int = 3
+    others: int = 2
+    seed: int = 0
+
+    def effects(self, unit: Hashable, responses: list, layers: Sequence[int], intervention: str) -> tuple[float, dict[int, float]]:
+        return doc_effects(self.model, self.items(unit, responses), layers, intervention)
+
+
+def task_screen(lm: Any, model: nn.Module, group: Any, run_one: Callable[[Any], Any], config: Any) -> Screen:
+    """The screen of one sub-task (a TaloGroup): its probe units' items from the task's targets, the
+    model class's own tokenisation, and (generation) each request's prompt as the class builds it;
+    `run_one(request)` runs the base class on a fresh copy of one request."""
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    task = group.task
+    likelihood = group.reqtype == "loglikelihood"
+    encode = pair_encoder(lm) if likelihood else None
+    tokenizer = None if likelihood else tokenizer_of(lm)
+
+    def items(unit, responses) -> list[ScreenItem]:
+        out, cursor = [], 0
+        for doc_id in group.split.docs_of(unit):
+            requests = group.doc_requests[doc_id]
+            answers = responses[cursor : cursor + len(requests)]
+            cursor += len(requests)
+            gold = gold_of(task, task.eval_docs[doc_id], likelihood)
+            if likelihood:
+                options = [encoded_option(encode, r, device) if encode else labelled_option(capture_prompt(model, lambda r=r: run_one(r)))
+                           for r in requests]
+                out.append(ScreenItem(options, _check_option(gold, len(options))))
+                continue
+            for request, answer in zip(requests, answers):
+                prompt = capture_prompt(model, lambda r=request: run_one(r))
+                out.append(generation_item(prompt, tokenizer, gold, answer))
+        return out
+
+    return Screen(model, items, config.screen_top, config.screen_random, config.seed)
