@@ -43,7 +43,7 @@ from .report import GroupReport, TaloReport, summary_table
 from .scoring import TaskScorer
 from .screen import task_screen
 from .selection import select_knockout
-from .store import ProbeStore, default_state_dir, request_kwargs, task_config_identity
+from .store import ProbeStore, default_state_dir, pool_content, request_kwargs, task_config_identity
 from .subtasks import TaskFields, field_value, resolve_fields, subtask_name
 from .sweep import LayerSweep
 from .test_metric import benchmark_metrics, primary
@@ -124,13 +124,14 @@ def _watch_failures(lmm, model) -> Iterator[list]:
         del model.generate
 
 
-def _probe_rows(group: "TaloGroup", selection, store: ProbeStore) -> list[dict]:
-    """Every probe pass of the group's selection, as stored: variant, unit, its docs, responses, score."""
+def _probe_rows(group: "TaloGroup", selection, sweep: LayerSweep) -> list[dict]:
+    """Every probe pass of the group's selection: variant, unit, its docs, responses, score (every
+    rank's, as the sweep merged them)."""
     units = {str(u): u for u in group.split.pool_units}
     rows = []
     for variant, scores in selection.probe_doc_scores.items():
         for unit, score in scores.items():
-            _, responses = store.get(variant, unit)
+            _, responses = sweep.record(variant, unit)
             rows.append({"subtask": group.name, "variant": variant, "unit": unit,
                          "doc_ids": list(group.split.docs_of(units[unit])), "responses": responses, "score": score})
     return rows
@@ -372,6 +373,7 @@ class TaloMixin:
             "task": group.name,
             "task_config": task_config_identity(group.task, TaloConfig.arg_names()),
             "gen_kwargs": request_kwargs(r for reqs in group.doc_requests.values() for r in reqs),
+            "pool_content": pool_content(group.task, group.split.pool, group.doc_requests.__getitem__),
             "intervention": self.talo.intervention,
             "seed": self.talo.seed,
             "shots": self.talo.probe_shots,
@@ -438,7 +440,7 @@ class TaloMixin:
 
         selection = select_knockout(group.split, self.talo, self.talo_candidate_layers, make_sweep)
         if sweeps:
-            self.talo_probe_rows.setdefault(group.task_name, []).extend(_probe_rows(group, selection, sweeps[0].store))
+            self.talo_probe_rows.setdefault(group.task_name, []).extend(_probe_rows(group, selection, sweeps[0]))
         report.decided(selection)
         knockout = selection.knockout(self.talo.intervention)
         pool = set(group.split.pool)

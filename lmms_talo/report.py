@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .interventions import Knockout
 from .logs import log
 
 
@@ -276,7 +277,7 @@ def summary_table(report: dict) -> str:
             f"{'base':>7} {'diff':>7} {'mean T':>7} {'mean B':>7}")
     lines = [head, "-" * len(head)]
     for g in report["subtasks"]:
-        layer = "+".join(map(str, g["selected_layers"])) or "-"
+        layer = Knockout(tuple(g["selected_layers"])).label if g["selected_layers"] else "-"
         gain = g["interaction_vector"].get(str(g["selected_layer"])) if g["selected_layer"] is not None else None
         base_probe = g["rounds"][-1]["baseline"] if g["rounds"] else None
         talo = g["test"].get("talo", {})

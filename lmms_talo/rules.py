@@ -33,6 +33,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from .interventions import Knockout
+
 
 @dataclass(frozen=True)
 class RoundOutcome:
@@ -375,7 +377,7 @@ class Confirm(SelectionRule):
         `statistic` the same for select_stat when it is not the score."""
         (ref_scores, knocked_scores), (ref, knocked) = scores, statistic or scores
         docs = tuple(docs)
-        label = "+".join(map(str, layers))
+        label = Knockout(tuple(layers)).label
         if not docs:
             reason = f"confirm: layer {label} dropped: no pool unit is left unprobed to confirm it on (raise the pool: more docs, or fewer redraws)"
             return Confirmation(tuple(layers), (), self.stat, {}, {}, {}, {}, None, self.alpha, False, reason)

@@ -63,6 +63,17 @@ def request_kwargs(requests: Iterable) -> list[str]:
     })
 
 
+def pool_content(task: Any, pool: Iterable, requests_of: Any) -> str:
+    """A digest of what the probe docs are: each pool doc's request texts (the prompt, the options)
+    and its target. A changed data file or --limit under the same task config changes it, so stored
+    scores of a doc id are never reused for another doc. Images are not hashed (see the README)."""
+    items = []
+    for doc in pool:
+        texts = [arg for request in requests_of(doc) for arg in request.args if isinstance(arg, (str, int, float))]
+        items.append([str(doc), texts, str(task.doc_to_target(task.eval_docs[doc]))])
+    return hashlib.sha256(json.dumps(items, default=str).encode()).hexdigest()[:24]
+
+
 def default_state_dir() -> Path:
     root = os.environ.get("LMMS_TALO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmms_talo"
     return Path(root) / "probe_results"

@@ -196,6 +196,10 @@ class LayerSweep:
     def _lookup(self, label: str, doc: Hashable) -> tuple[float, list] | None:
         return self._known.get((label, str(doc))) or self.store.get(label, doc)
 
+    def record(self, label: str, doc: Hashable) -> tuple[float, list] | None:
+        """(score, responses) of a variant on a doc, computed here, merged from a rank or stored."""
+        return self._lookup(label, doc)
+
     def _remember(self, label: str, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
         self._known[(label, str(doc))] = (score, responses)
         result.doc_scores.setdefault(label, {})[str(doc)] = score
@@ -439,7 +443,7 @@ class LayerSweep:
         top, drawn = chosen_layers(totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}")
         exact = sorted(top + drawn)
         outcome, pruned = self._full_round(probe, exact, intervention, result, False, stream)
-        gains = {layer: mean([result.doc_scores[str(layer)][str(d)] for d in probe]) - outcome.baseline for layer in exact}
+        gains = outcome.gains
         result.screen.append({
             "round": len(result.rounds),
             "estimates": {str(layer): totals[layer] for layer in layers},

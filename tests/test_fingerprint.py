@@ -69,3 +69,23 @@ def test_fingerprint_ignores_memory_addresses():
 
     assert fingerprint_of({"arg": object()}) == fingerprint_of({"arg": object()})
     assert fingerprint_of({"arg": object()}) != fingerprint_of({"arg": 1})
+
+
+def test_pool_content_changes_with_a_docs_prompt_or_target_not_with_other_docs():
+    """The probe store's key covers what the probe docs are: a changed data file (prompt or gold
+    answer of a pool doc) under the same task config gets a new store, a change outside the pool not."""
+    from types import SimpleNamespace
+
+    from lmms_talo.store import pool_content
+
+    def digest(prompts, targets, pool=(0, 2)):
+        task = SimpleNamespace(eval_docs=[{"t": t} for t in targets], doc_to_target=lambda doc: doc["t"])
+        requests = {d: [SimpleNamespace(args=(prompts[d], {"max_new_tokens": 4}, d, "task"))] for d in range(len(prompts))}
+        return pool_content(task, pool, requests.__getitem__)
+
+    first = digest(["q0", "q1", "q2"], ["a", "b", "c"])
+    assert digest(["q0", "q1", "q2"], ["a", "b", "c"]) == first
+    assert digest(["q0", "q1 changed", "q2"], ["a", "b changed", "c"]) == first  # doc 1 is not in the pool
+    assert digest(["q0", "q1", "q2 changed"], ["a", "b", "c"]) != first
+    assert digest(["q0", "q1", "q2"], ["a", "b", "c changed"]) != first
+    assert digest(["q0", "q1", "q2"], ["a", "b", "c"], pool=(0, 1)) != first
