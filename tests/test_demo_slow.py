@@ -65,8 +65,13 @@ def test_demo_runs_talo_on_the_real_model(demo_cache, tmp_path):
     assert {g["request_type"] for g in groups.values()} == {"loglikelihood", "generate_until"}
     for group in groups.values():
         assert group["candidate_layers"] == list(range(1, 30))
-        assert len(group["interaction_vector"]) == 29
+        # the interaction vector is the deciding (last) round's; a round with a perfect baseline sweeps
+        # no layer, as in the authors' protocol
+        final = group["rounds"][-1]
+        assert len(group["interaction_vector"]) == (29 if final["layer_scores"] else 0)
+        assert final["layer_scores"] or final["baseline"] == 1.0
         assert group["test"]["base"]["n"] == group["test"]["talo"]["n"] == 30 - len(group["pool"])
+    assert any(r["layer_scores"] for g in groups.values() for r in g["rounds"]), "the demo must sweep some round"
     assert (out / "interaction_heatmap.png").stat().st_size > 10_000
     for name in ("bb_similarities_abstraction", "bb_arithmetic_1_digit_addition_gen", "chance", "base [95% CI]"):
         assert name in proc.stdout
