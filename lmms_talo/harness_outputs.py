@@ -8,9 +8,8 @@ knockout (or none, and why), its probe gain, the rule, the test-doc score of TaL
 sample row gets `talo: {"knockout": [layers] or [], "in_probe_pool": bool}`. The harness's own
 `config.model_args` already names the TaLo args; the `talo` block tells a TaLo run from a plain one.
 A sibling file per task, named like the harness's own sample file with `_talo_probe` after the task
-name, holds every probe pass (sub-task, variant, probe unit and its docs, the responses as the model
-gave them: the generated answer or the option log-likelihoods, the per-doc score), so the sweep can be
-re-scored offline without the model. With a W&B run active (lmms-eval's --wandb_args), the
+name, holds every probe pass (lmms_talo.probe_log writes and reads it), so the sweep can be re-scored
+and re-decided offline without the model. With a W&B run active (lmms-eval's --wandb_args), the
 interaction vectors go there too, as a table and a heatmap (`log_to_wandb`, main rank only).
 """
 

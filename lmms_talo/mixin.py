@@ -36,6 +36,7 @@ from .logs import log
 from .memory import process_memory
 from .parallel import SharedRequests, current_ranks
 from .pool_exclusion import check_task_split
+from .probe_log import probe_log_rows
 from .probe import ProbeSplit, split_subtask, unprobed_split
 from .progress import ProbeProgress
 from .replay import PrefixReplay
@@ -122,19 +123,6 @@ def _watch_failures(lmm, model) -> Iterator[list]:
             logger.removeHandler(handler)
         loguru.remove(sink)
         del model.generate
-
-
-def _probe_rows(group: "TaloGroup", selection, sweep: LayerSweep) -> list[dict]:
-    """Every probe pass of the group's selection: variant, unit, its docs, responses, score (every
-    rank's, as the sweep merged them)."""
-    units = {str(u): u for u in group.split.pool_units}
-    rows = []
-    for variant, scores in selection.probe_doc_scores.items():
-        for unit, score in scores.items():
-            _, responses = sweep.record(variant, unit)
-            rows.append({"subtask": group.name, "variant": variant, "unit": unit,
-                         "doc_ids": list(group.split.docs_of(units[unit])), "responses": responses, "score": score})
-    return rows
 
 
 class TaloGroup:
@@ -439,9 +427,10 @@ class TaloMixin:
             return sweeps[-1]
 
         selection = select_knockout(group.split, self.talo, self.talo_candidate_layers, make_sweep)
-        if sweeps:
-            self.talo_probe_rows.setdefault(group.task_name, []).extend(_probe_rows(group, selection, sweeps[0]))
         report.decided(selection)
+        if sweeps:
+            rows = probe_log_rows(report, selection, sweeps[0], group.split, self.talo_report.config, self.talo_report.model_identity)
+            self.talo_probe_rows.setdefault(group.task_name, []).extend(rows)
         knockout = selection.knockout(self.talo.intervention)
         pool = set(group.split.pool)
         self.talo_doc_info.update({(group.task_name, doc): (selection.layers, doc in pool) for doc in group.doc_requests})

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .interventions import Knockout
+from .probe_log import ProbeLogError, is_probe_log, report_from_probe_log
 from .rules import RoundOutcome, SelectionRule, make_rule
 
 REPORT_NAME = "talo_report.json"
@@ -38,7 +39,8 @@ class ReportError(ValueError):
 
 
 def find_reports(paths: Iterable[str | Path]) -> list[Path]:
-    """Report files named on the command line: a file as is, a folder searched for talo_report.json."""
+    """Report files named on the command line: a file as is (a report or a probe log), a folder
+    searched for talo_report.json."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -236,6 +238,12 @@ def _default_label(run: Run) -> str:
 
 
 def load_run(path: Path) -> Run:
+    """A talo_report.json, or a probe log re-decided into one (lmms_talo.probe_log)."""
+    if is_probe_log(Path(path)):
+        try:
+            return run_of(report_from_probe_log(path), Path(path))
+        except ProbeLogError as exc:
+            raise ReportError(str(exc)) from exc
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:

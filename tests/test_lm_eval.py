@@ -117,7 +117,7 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
     rows = [json.loads(line) for line in mc_samples.read_text().splitlines()]
     assert rows and all(r["talo"] == {"knockout": [ORACLE_LAYER], "in_probe_pool": r["doc_id"] in set(mc["pool"])} for r in rows)
     (probe_log,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_talo_probe_2*.jsonl")  # lm-eval's naming, TaLo's suffix
-    probe_rows = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    probe_rows = [row for row in map(json.loads, probe_log.read_text().splitlines()) if row["kind"] == "pass"]
     assert {(r["variant"], r["unit"]) for r in probe_rows} == {(v, d) for v, docs in mc["probe_doc_scores"].items() for d in docs}
     assert all(len(r["responses"]) == 4 and all(len(option) == 2 for option in r["responses"]) for r in probe_rows)  # (log p, greedy) per option
     assert "talo_hf" in proc.stdout + proc.stderr

@@ -139,10 +139,42 @@ def test_probe_passes_are_logged_beside_the_sample_file_and_rescore_offline(tmp_
     (own,) = (tmp_path / "out").rglob("*_samples_talo_logged.jsonl")
     (probe,) = (tmp_path / "out").rglob("*_samples_talo_logged_talo_probe.jsonl")
     assert probe.parent == own.parent and probe.name == own.name.replace(".jsonl", "_talo_probe.jsonl")
-    rows = [json.loads(line) for line in probe.read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in probe.read_text().splitlines()]
     (group,) = json.loads((tmp_path / "r.json").read_text())["subtasks"]
+    assert header["kind"] == "subtask" and header["subtask"] == group["subtask"] and all(r["kind"] == "pass" for r in rows)
+    assert header["rounds"] == [{k: r[k] for k in ("round", "drawn", "probe_docs")} for r in group["rounds"]]
     assert {(r["variant"], r["unit"]) for r in rows} == {(v, d) for v, docs in group["probe_doc_scores"].items() for d in docs}
     for row in rows:
         (doc,) = row["doc_ids"]
         rescored = float(row["responses"][0].strip() == answers[doc])
         assert rescored == row["score"] == group["probe_doc_scores"][row["variant"]][row["unit"]]
+    _probe_log_is_redecided_offline(probe, group, tmp_path)
+
+
+def _probe_log_is_redecided_offline(probe, group, tmp_path):
+    """The log read back re-decides as the run did; re-scored responses change the decision; and
+    `lmms-talo analyze` takes the log as its input."""
+    import subprocess
+    import sys
+
+    from harness import cli_env
+
+    from lmms_talo.probe_log import report_from_probe_log
+
+    (again,) = report_from_probe_log(probe)["subtasks"]
+    for key in ("selected_layers", "interaction_vector", "probe_docs", "probe_doc_scores"):
+        assert again[key] == group[key], key
+    assert [r["layer_scores"] for r in again["rounds"]] == [r["layer_scores"] for r in group["rounds"]]
+    # a user's re-scoring: layer 2 answers every probe doc right, the base model none
+    lines = [json.loads(line) for line in probe.read_text().splitlines()]
+    for row in lines[1:]:
+        row["score"] = float(row["variant"] == "2")
+    rescored = probe.with_name("rescored_talo_probe.jsonl")
+    rescored.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    (changed,) = report_from_probe_log(rescored)["subtasks"]
+    assert changed["selected_layers"] == [2] and changed["interaction_vector"]["2"] == 1.0
+    assert changed["recorded_selected_layers"] == group["selected_layers"]
+    proc = subprocess.run([sys.executable, "-m", "lmms_talo", "analyze", str(rescored), "-o", str(tmp_path / "analysis")],
+                          capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert group["subtask"] in (tmp_path / "analysis" / "report.md").read_text()
