@@ -75,9 +75,12 @@ def search_more_layers(
             break
         started = time.perf_counter()
         cost = SweepResult(tuple(remaining), [])
-        reference = sweep.doc_scores(Knockout(layers, intervention), probe, cost)
-        added = {l: sweep.doc_scores(Knockout(with_layer(layers, l), intervention), probe, cost) for l in remaining}
-        outcome = sweep.rule.decide(probe, reference, added, stream=f"{stream}/{'+'.join(map(str, layers))}")
+        current = Knockout(layers, intervention)
+        grown = {l: Knockout(with_layer(layers, l), intervention) for l in remaining}
+        reference = sweep.doc_scores(current, probe, cost)
+        added = {l: sweep.doc_scores(knockout, probe, cost) for l, knockout in grown.items()}
+        statistic = sweep.paired_statistic(current.label, {l: k.label for l, k in grown.items()}, probe, cost)
+        outcome = sweep.rule.decide(probe, reference, added, stream=f"{stream}/{current.label}", statistic=statistic)
         stages.append(LayerStage(layers, outcome, len(remaining), cost.docs_computed, cost.docs_reused,
                                  time.perf_counter() - started, cost.doc_scores))
         if outcome.selected is None:

@@ -332,6 +332,8 @@ class Confirmation:
     alpha: float
     kept: bool
     reason: str
+    docs_computed: int = 0  # passes the confirmation ran (two per doc, less those the store held)
+    docs_reused: int = 0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

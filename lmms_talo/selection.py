@@ -12,6 +12,7 @@ used, so the test set is the same as under any other rule. Only the rule decides
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -77,4 +78,5 @@ def confirm_knockout(sweep: LayerSweep, split: ProbeSplit, result: SweepResult, 
     statistic = sweep.paired_statistic("base", {"knocked": knockout.label}, docs, cost) if docs else None
     if statistic is not None:
         statistic = (statistic[0], statistic[1]["knocked"])
-    return sweep.rule.confirm(knockout.layers, docs, scores, statistic, stream=split.name)
+    confirmation = sweep.rule.confirm(knockout.layers, docs, scores, statistic, stream=split.name)
+    return dataclasses.replace(confirmation, docs_computed=cost.docs_computed, docs_reused=cost.docs_reused)

@@ -127,6 +127,8 @@ def test_confirmation_docs_are_the_pool_units_no_round_used_and_the_record_says_
     ref = [confirmation.reference[d] for d in confirmation.docs]
     assert confirmation.p_value == paired_flip_p(ref, [confirmation.knocked[d] for d in confirmation.docs])
     assert confirmation.kept and "kept" in confirmation.reason and confirmation.stat == "score"
+    # two passes per confirmation doc: the base model's and the knockout's, none seen by the rounds
+    assert (confirmation.docs_computed, confirmation.docs_reused) == (2 * len(confirmation.docs), 0)
     # the test set, and the probe rounds, are those of the gain rule: only the decision differs
     gain_split, gain = select(planted_table(np.random.default_rng(3), fix=1.0), 0)
     assert gain_split.test == split.test and gain.sweep.probe_rounds == selection.sweep.probe_rounds
@@ -157,6 +159,23 @@ def test_a_pair_is_confirmed_against_the_full_model():
     knocked = selection.confirmation.knocked_scores
     assert knocked == {d: pair[d] for d in selection.confirmation.docs}
     assert selection.confirmation.reference_scores == {d: base[d] for d in selection.confirmation.docs}
+
+
+def test_the_multi_layer_search_tests_the_margin_when_the_rule_does():
+    """select_stat=margin reaches the greedy stages: a pair that keeps every pass/fail score but widens
+    every margin is significant on the margin and not on the score."""
+    rng = np.random.default_rng(7)
+    table = planted_table(rng, layer=3, fix=1.0)
+    table.margins = {label: {d: s - 0.5 for d, s in scores.items()} for label, scores in table.scores.items()}
+    for layer in LAYERS:
+        if layer != 3:
+            pair = "+".join(map(str, sorted((3, layer))))
+            table.scores[pair] = dict(table.scores["3"])
+            table.margins[pair] = {d: m + (0.3 if layer == 6 else 0.0) for d, m in table.margins["3"].items()}
+    for stat, significant in (("margin", True), ("score", False)):
+        _, selection = select(table, 0, select_rule="sign_test", select_stat=stat, max_layers=2)
+        (stage,) = selection.stages
+        assert (stage.outcome.p_values[6] < 0.05) is significant, stat
 
 
 def test_holm_adjusted_p_values_hold_the_family_wise_rate_and_keep_real_effects():
