@@ -168,11 +168,22 @@ def run_mode(spec: dict, mode: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     out["seconds"] = time.perf_counter() - started
+    if "doc_scores" in out and spec["reqtype"] == "loglikelihood":
+        out.update(_smooth_records(lm, group, scorer, sweep, result))
     out.update(model_calls=counter.model_calls, layer_forwards=counter.layer_forwards, layer_tokens=counter.layer_tokens,
                vision_calls=counter.vision_calls, num_layers=counter.num_layers,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
     return out
+
+
+def _smooth_records(lm, group, scorer, sweep, result) -> dict:
+    """For the screen's diagnostics (likelihood tasks): every exactly run variant's per-doc margin
+    (the gold option's log-likelihood minus the best wrong one's, from the same answers). Read after
+    the timed part."""
+    docs = {str(d): d for d in group.docs()}
+    margin = lambda label, d: scorer.margin(group.task.eval_docs[docs[d]], sweep.record(label, docs[d])[1], lm.talo_harness.likelihood_is_loss)
+    return {"doc_margins": {label: {d: margin(label, d) for d in scores} for label, scores in result.doc_scores.items() if label != "screen"}}
 
 
 # --- the driver ---
@@ -274,17 +285,39 @@ def _gain_of(gains: dict, layer: int | None) -> float | None:
     return gains.get(str(layer), 0.0) if layer is not None else None
 
 
-def _top_curve(ref: dict, estimates: dict) -> dict[int, int | None]:
-    """The layer the gain rule selects among the top N layers by the screen's estimate, for every N,
-    from the reference sweep's exact per-doc scores (what screen_top=N, screen_random=0 selects)."""
+def _ranked(*keys: dict) -> list[str]:
+    """Layers by the first key, then the next (highest first); equal keys: the lower layer first."""
+    return sorted(keys[0], key=lambda layer: tuple(-key[layer] for key in keys) + (int(layer),))
+
+
+def _top_curve(ref: dict, ranked: list[str]) -> dict[int, int | None]:
+    """The layer the gain rule selects among the first N `ranked` layers, for every N, from the
+    reference sweep's exact per-doc scores (what screen_top=N, screen_random=0 selects)."""
     from lmms_talo.rules import decide_round
 
     probe = ref["probe_docs"]
     scores = ref["doc_scores"]
     base = {d: scores["base"][d] for d in probe}
-    ranked = sorted(estimates, key=lambda layer: (-estimates[layer], int(layer)))
     return {n: decide_round(probe, base, {int(l): {d: scores[l][d] for d in probe} for l in ranked[:n]}, 0.0).selected
             for n in range(1, len(ranked) + 1)}
+
+
+def _smooth_diagnostics(ref: dict, screen: dict, layers: list[str]) -> dict | None:
+    """Where the runs kept per-doc margins and the screen's per-doc records (likelihood tasks):
+    - the estimate against the exact change of the smooth score it estimates (summed margin change
+      over the probe docs), which separates the first-order error from the 0/1 score's coarseness;
+    - the layer screen_top=N selects when layers are ranked by their summed estimate alone (the
+      screen's ranking before the predicted probe score), and by the exact margin change (the best a
+      ranking by the smooth score's change could do)."""
+    from lmms_talo.screen import spearman
+
+    if "doc_margins" not in ref:
+        return None
+    probe, margins = ref["probe_docs"], ref["doc_margins"]
+    estimates = screen["screen"][0]["estimates"]
+    exact = {l: sum(margins[l][d] - margins["base"][d] for d in probe) for l in layers}
+    return {"pairs": [(estimates[l], exact[l]) for l in layers], "spearman": spearman([estimates[l] for l in layers], [exact[l] for l in layers]),
+            "summed_curve": _top_curve(ref, _ranked(estimates)), "oracle_curve": _top_curve(ref, _ranked(exact))}
 
 
 def figures(model: str, per_task: list[dict]) -> dict:
@@ -304,7 +337,7 @@ def figures(model: str, per_task: list[dict]) -> dict:
         if all("exact_passes" in r for r in rows):
             modes[name]["exact_passes"] = sum(r["exact_passes"] for r in rows)
     for name in [n for n in names if n.startswith("screen")]:
-        same, equal, differences, xs, ys, per, curves = [], [], [], [], [], [], []
+        same, equal, differences, xs, ys, per, curves, smooth = [], [], [], [], [], [], [], []
         for task, t in zip(per_task, by_task):
             ref = next((t[m] for m in ("full", "replay", "naive") if m in t), None)
             if name not in t or ref is None:
@@ -318,20 +351,32 @@ def figures(model: str, per_task: list[dict]) -> dict:
                                     "full_gain_of_screen_layer": gains.get(str(screen["selected"]), 0.0) if screen["selected"] is not None else 0.0,
                                     "best_gain": max(gains.values(), default=0.0)})
             if screen["screen"] and gains:
-                estimates = screen["screen"][0]["estimates"]
+                entry = screen["screen"][0]
+                # the screen's estimated gains: predicted probe-score gains (runs before them: summed estimates)
+                estimated = entry.get("predicted_gains") or entry["estimates"]
                 layers = sorted(gains, key=int)
-                xs += [estimates[l] for l in layers]
+                xs += [estimated[l] for l in layers]
                 ys += [gains[l] for l in layers]
-                per.append({"task": task["task"], "spearman": spearman([estimates[l] for l in layers], [gains[l] for l in layers])})
-                curves.append((ref["selected"], _top_curve(ref, estimates)))
+                per.append({"task": task["task"], "spearman": spearman([estimated[l] for l in layers], [gains[l] for l in layers])})
+                curves.append((ref["selected"], _top_curve(ref, _ranked(estimated, entry["estimates"]))))
+                smooth.append(_smooth_diagnostics(ref, screen, layers))
         tops = sorted({n for _, curve in curves for n in curve})
+        by_top = lambda cs: {n: (sum(curve[n] == sel for sel, curve in cs) + len(same) - len(cs)) / len(same) for n in tops}
         modes[name].update(
             same_layer_fraction=sum(same) / len(same) if same else None,
             equal_gain_fraction=sum(equal) / len(equal) if equal else None, differences=differences,
             spearman=spearman(xs, ys), spearman_per_task=per,
-            same_layer_fraction_by_screen_top={n: (sum(curve[n] == sel for sel, curve in curves) + len(same) - len(curves)) / len(same)
-                                               for n in tops},
+            same_layer_fraction_by_screen_top=by_top(curves),
         )
+        smooth = [d for d in smooth if d is not None]
+        if smooth and len(smooth) == len(curves):
+            pairs = [p for d in smooth for p in d["pairs"]]
+            modes[name].update(
+                spearman_vs_exact_margin=spearman([x for x, _ in pairs], [y for _, y in pairs]),
+                spearman_vs_exact_margin_per_task=[{"task": t["task"], "spearman": d["spearman"]} for t, d in zip(per_task, smooth)],
+                same_layer_fraction_by_screen_top_ranked_by_summed_estimate=by_top([(c[0], d["summed_curve"]) for c, d in zip(curves, smooth)]),
+                same_layer_fraction_by_screen_top_ranked_by_exact_margin=by_top([(c[0], d["oracle_curve"]) for c, d in zip(curves, smooth)]),
+            )
     return {"model": model, "tasks": [t["task"] for t in per_task], "modes": modes, "per_task": per_task}
 
 

@@ -23,8 +23,10 @@ S per doc (`ScreenItem`):
 A doc the base model answers with the target itself has S = 0 for generation: the screen sees no
 signal there (the exact confirmation still scores it).
 
-Nothing here decides: the sweep (lmms_talo.sweep) ranks layers by their summed estimates, runs the
-chosen ones exactly and lets the selection rule decide among them.
+The ranking (`predicted_scores`, `chosen_layers`): per layer, the probe score the estimates predict
+(a doc right when S plus its estimated change is positive), then the summed estimate. Nothing here
+decides: the sweep (lmms_talo.sweep) runs the chosen layers exactly and lets the selection rule
+decide among them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import contextlib
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -270,10 +272,27 @@ def generation_item(prompt: dict, tokenizer, gold: Any, answer: str) -> ScreenIt
 # --- which layers run exactly ---
 
 
-def chosen_layers(totals: dict[int, float], top: int, others: int, seed: str) -> tuple[list[int], list[int]]:
-    """(the `top` layers with the highest summed estimate, `others` further layers drawn with `seed`);
-    ties go to the lower layer."""
-    ranked = sorted(totals, key=lambda layer: (-totals[layer], layer))
+def predicted_scores(base: Mapping[Hashable, float], signal: Mapping[Hashable, float],
+                     estimates: Mapping[Hashable, Mapping[int, float]], layers: Sequence[int]) -> dict[int, float]:
+    """Per layer, the mean probe score that the first-order estimate predicts under its knockout, in
+    the units of the rule's gains: a doc counts right when its S plus the layer's estimated change of S
+    is positive (S > 0: the gold option leads, or the target outscores the answer given); a doc with
+    no signal (S = 0 and no change: no scorable item, or a generation answered with the target
+    itself) keeps its base score. The summed estimate alone ranks layers poorly for a pass/fail
+    score: a large margin change on a doc that stays right (or wrong) counts as much as one that
+    flips it, and only flips change the probe score (benchmarks/README.md measures both rankings)."""
+
+    def right(doc, layer) -> float:
+        s, e = signal[doc], estimates[doc][layer]
+        return base[doc] if s == 0 and e == 0 else float(s + e > 0)
+
+    return {layer: sum(right(d, layer) for d in base) / len(base) for layer in layers}
+
+
+def chosen_layers(predicted: dict[int, float], totals: dict[int, float], top: int, others: int, seed: str) -> tuple[list[int], list[int]]:
+    """(the `top` layers with the highest predicted probe score, then summed estimate; `others`
+    further layers drawn with `seed`); ties go to the lower layer."""
+    ranked = sorted(totals, key=lambda layer: (-predicted[layer], -totals[layer], layer))
     best = sorted(ranked[:top])
     rest = sorted(ranked[top:])
     drawn = sorted(random.Random(seed).sample(rest, min(others, len(rest))))

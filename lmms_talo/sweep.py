@@ -16,8 +16,9 @@ rest of the run (LayerSweep._checked_run). Three modes:
   select  the same selected layer with less work: a layer stops being evaluated once even perfect
           scores on its remaining docs could not make it the selection (exact pruning, LayerPruner).
   screen  a gradient screen (lmms_talo.screen) estimates every layer's effect from one forward and
-          backward pass per probe doc; the top screen_top layers and screen_random seeded others run
-          exactly, and the rule decides among those only (the selection is always exactly scored).
+          backward pass per probe doc and ranks the layers by the probe score it predicts; the top
+          screen_top layers and screen_random seeded others run exactly, and the rule decides among
+          those only (the selection is always exactly scored).
 Under several processes (lmms_talo.parallel) each rank runs a share of the layers and the ranks
 merge their scores, so every rank decides the same way.
 """
@@ -36,7 +37,7 @@ from .parallel import RankMismatchError, Ranks
 from .probe import MAX_REDRAWS, ProbeRound, ProbeSplit
 from .replay import PrefixReplay, ReplayStats
 from .rules import RoundOutcome, SelectionRule, baseline_is_perfect, make_rule, mean
-from .screen import Screen, chosen_layers, spearman
+from .screen import Screen, chosen_layers, predicted_scores, spearman
 from .store import ProbeStore
 
 
@@ -410,14 +411,14 @@ class LayerSweep:
         return outcome, pruner.pruned
 
     def _screen_estimates(self, probe, layers, intervention) -> dict:
-        """{doc: {layer: estimated effect}} for the probe docs, from the store (label "screen") or
-        computed (each rank a share of the docs, then merged), persisted as each lands."""
+        """{doc: (S, {layer: estimated change of S})} for the probe docs, from the store (label
+        "screen") or computed (each rank a share of the docs, then merged), persisted as each lands."""
         estimates, todo = {}, []
         for doc in probe:
             hit = self._lookup("screen", doc)
             stored = hit[1][0] if hit else {}
             if all(str(layer) in stored for layer in layers):
-                estimates[doc] = {layer: stored[str(layer)] for layer in layers}
+                estimates[doc] = (hit[0], {layer: stored[str(layer)] for layer in layers})
             else:
                 todo.append(doc)
         mine = {}
@@ -425,7 +426,7 @@ class LayerSweep:
             with self._doc_records():
                 value, effects = self.screen.effects(doc, self._row("base", doc)[1], layers, intervention)
             self.store.put("screen", doc, value, [{str(layer): e for layer, e in effects.items()}])
-            mine[doc] = effects
+            mine[doc] = (value, effects)
         for part in self.ranks.all_gather(mine):
             estimates.update(part)
         return estimates
@@ -438,18 +439,23 @@ class LayerSweep:
         self._merge(base, {}, result)
         if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
             return self.rule.decide(probe, base, {}, stream), {}
-        estimates = self._screen_estimates(probe, layers, intervention)
+        screened = self._screen_estimates(probe, layers, intervention)
+        estimates = {d: effects for d, (_, effects) in screened.items()}
         totals = {layer: sum(estimates[d][layer] for d in probe) for layer in layers}
-        top, drawn = chosen_layers(totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}")
+        baseline = mean([base[d] for d in probe])
+        predicted = {layer: score - baseline for layer, score in predicted_scores(
+            {d: base[d] for d in probe}, {d: screened[d][0] for d in probe}, estimates, layers).items()}
+        top, drawn = chosen_layers(predicted, totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}")
         exact = sorted(top + drawn)
         outcome, pruned = self._full_round(probe, exact, intervention, result, False, stream)
         gains = outcome.gains
         result.screen.append({
             "round": len(result.rounds),
             "estimates": {str(layer): totals[layer] for layer in layers},
+            "predicted_gains": {str(layer): predicted[layer] for layer in layers},
             "top": top, "random": drawn,
             "exact_gains": {str(layer): gains[layer] for layer in exact},
-            "spearman": spearman([totals[layer] for layer in exact], [gains[layer] for layer in exact]),
+            "spearman": spearman([predicted[layer] for layer in exact], [gains[layer] for layer in exact]),
         })
         return outcome, pruned
 

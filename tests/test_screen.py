@@ -31,6 +31,7 @@ from lmms_talo.screen import (
     ScreenItem,
     _item_score,
     chosen_layers,
+    predicted_scores,
     doc_effects,
     spearman,
 )
@@ -39,20 +40,21 @@ from lmms_talo.sweep import LayerSweep, SweepModeError
 
 
 class TableScreen:
-    """A screen whose estimates are a fixed table {doc: {layer: estimate}}; counts its calls."""
+    """A screen whose estimates are a fixed table {doc: {layer: estimate}} and whose per-doc S is
+    `signal[doc]` (0 without one); counts its calls."""
 
-    def __init__(self, table, top, others, seed=0):
-        self.table, self.top, self.others, self.seed = table, top, others, seed
+    def __init__(self, table, top, others, seed=0, signal=None):
+        self.table, self.top, self.others, self.seed, self.signal = table, top, others, seed, signal or {}
         self.calls = 0
 
     def effects(self, doc, responses, layers, intervention):
         self.calls += 1
-        return 0.0, {layer: self.table[doc][layer] for layer in layers}
+        return self.signal.get(doc, 0.0), {layer: self.table[doc][layer] for layer in layers}
 
 
-def screened(table, estimates, split, top, others, threshold=0.0, store=None, max_redraws=2):
+def screened(table, estimates, split, top, others, threshold=0.0, store=None, max_redraws=2, signal=None):
     model = ScoreTable(table)
-    screen = TableScreen(estimates, top, others)
+    screen = TableScreen(estimates, top, others, signal=signal)
     rule = make_rule("gain", threshold=threshold)
     sweep = LayerSweep(model.answer, model.score, store or ProbeStore(None, {}), mode="screen", rule=rule, screen=screen)
     return sweep.run(split, LAYERS, "zero", max_redraws), model, screen
@@ -82,7 +84,8 @@ def test_the_selected_layer_is_always_one_that_was_run_exactly(seed):
     n_docs = int(rng.integers(8, 20))
     table, estimates = random_table(rng, n_docs), random_estimates(rng, n_docs)
     split = split_subtask("t", list(range(n_docs)), 4, seed=seed)
-    result, model, _ = screened(table, estimates, split, top=int(rng.integers(1, 3)), others=int(rng.integers(0, 3)))
+    signal = {d: float(rng.normal()) if d % 3 else 0.0 for d in range(n_docs)}  # some docs give no signal
+    result, model, _ = screened(table, estimates, split, top=int(rng.integers(1, 3)), others=int(rng.integers(0, 3)), signal=signal)
     screened_rounds = {entry["round"]: entry for entry in result.screen}
     for index, outcome in enumerate(result.rounds):
         if index not in screened_rounds:  # a perfect baseline: no layer was run
@@ -97,7 +100,9 @@ def test_the_selected_layer_is_always_one_that_was_run_exactly(seed):
         assert outcome == decide_round(probe, base, {l: {d: table[str(l)][d] for d in probe} for l in exact}, 0.0)
         assert sorted(entry["estimates"]) == sorted(str(l) for l in LAYERS)
         totals = {l: sum(estimates[d][l] for d in probe) for l in LAYERS}
-        assert entry["top"] == sorted(sorted(LAYERS, key=lambda l: (-totals[l], l))[: len(entry["top"])])
+        predicted = {l: sum(float(signal[d] + estimates[d][l] > 0) for d in probe) / len(probe) for l in LAYERS}  # no doc lacks a change
+        assert entry["predicted_gains"] == {str(l): predicted[l] - outcome.baseline for l in LAYERS}
+        assert entry["top"] == sorted(sorted(LAYERS, key=lambda l: (-predicted[l], -totals[l], l))[: len(entry["top"])])
     ran = {label for label, _ in model.runs} - {"base"}
     assert ran <= {str(l) for e in result.screen for l in e["top"] + e["random"]}
 
@@ -130,12 +135,24 @@ def test_bad_screen_args_are_refused_by_name(args, message):
         TaloConfig.pop_from(dict(args))
 
 
+def test_predicted_scores_count_flips_and_keep_docs_without_signal():
+    base = {"a": 0.0, "b": 1.0, "c": 1.0}
+    signal = {"a": -1.0, "b": 2.0, "c": 0.0}  # c: a generation answered with the target (no signal)
+    estimates = {"a": {1: 1.5, 2: 0.5}, "b": {1: -3.0, 2: 5.0}, "c": {1: 0.0, 2: 0.0}}
+    # layer 1 flips a to right and b to wrong; layer 2 flips nothing; c keeps its base score
+    assert predicted_scores(base, signal, estimates, [1, 2]) == {1: 2 / 3, 2: 2 / 3}
+    estimates["a"][1] = 0.5
+    assert predicted_scores(base, signal, estimates, [1, 2]) == {1: 1 / 3, 2: 2 / 3}
+
+
 def test_chosen_layers_and_spearman():
+    predicted = {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.75, 5: 0.0}
     totals = {1: 0.5, 2: 2.0, 3: 2.0, 4: -1.0, 5: 0.0}
-    top, drawn = chosen_layers(totals, 2, 2, "s")
-    assert top == [2, 3] and len(drawn) == 2 and set(drawn) <= {1, 4, 5}
-    assert chosen_layers(totals, 2, 2, "s") == (top, drawn)  # seeded
-    assert chosen_layers(totals, 9, 2, "s") == ([1, 2, 3, 4, 5], [])
+    top, drawn = chosen_layers(predicted, totals, 2, 2, "s")  # 4 by predicted score, then 2 by its sum
+    assert top == [2, 4] and len(drawn) == 2 and set(drawn) <= {1, 3, 5}
+    assert chosen_layers(predicted, totals, 2, 2, "s") == (top, drawn)  # seeded
+    assert chosen_layers(predicted, totals, 3, 0, "s") == ([2, 3, 4], [])  # 2 and 3 tie: both, by layer
+    assert chosen_layers(predicted, totals, 9, 2, "s") == ([1, 2, 3, 4, 5], [])
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
