@@ -212,12 +212,21 @@ class Run:
         return Path(name.rstrip("/")).name or name
 
     def rule(self, name: str | None = None) -> SelectionRule:
-        """The run's selection rule (or the rule `name` with the run's parameters)."""
+        """The run's selection rule (or the rule `name` with the run's parameters), on the per-doc
+        scores: a report keeps no per-doc margins, so select_stat=margin is not re-applied."""
         c = self.config
+        name = name or c.get("select_rule", "gain")
+        confirming = {"base_rule": c.get("select_base_rule", "gain")} if name == "confirm" else {}
         return make_rule(
-            name or c.get("select_rule", "gain"), threshold=c.get("threshold", 0.0), alpha=c.get("select_alpha", 0.05),
-            resamples=c.get("select_resamples", 1000), seed=c.get("seed", 0),
+            name, threshold=c.get("threshold", 0.0), alpha=c.get("select_alpha", 0.05),
+            resamples=c.get("select_resamples", 1000), seed=c.get("seed", 0), **confirming,
         )
+
+    @property
+    def probe_rule_name(self) -> str:
+        """The rule that decided the run's probe rounds: a confirming rule's base rule."""
+        rule = self.rule()
+        return rule.base.name if rule.confirms else rule.name
 
     def split_identity(self) -> tuple:
         """What fixes the model and the probe docs: two runs that share it differ only in what they did with them."""

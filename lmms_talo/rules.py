@@ -266,6 +266,13 @@ def register(cls: type[SelectionRule]) -> type[SelectionRule]:
     return cls
 
 
+def probe_only_rules() -> list[str]:
+    """The rules that decide on the probe docs alone, which the offline analyses re-decide; a
+    confirming rule also needs docs no probe round used, which a report holds only for the layer
+    its own run confirmed."""
+    return [name for name, rule in RULES.items() if not rule.confirms]
+
+
 def make_rule(name: str = "gain", **parameters) -> SelectionRule:
     """The rule registered as `name`, with threshold / alpha / resamples / seed."""
     if name not in RULES:

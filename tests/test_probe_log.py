@@ -117,3 +117,18 @@ def test_a_probe_log_loads_as_a_run_and_bad_files_say_what_is_wrong(tmp_path):
     (tmp_path / "z_talo_probe.jsonl").write_text("\n".join(line for line in lines if '"variant": "base"' not in line))
     with pytest.raises(ProbeLogError, match="no base-model pass"):
         report_from_probe_log(tmp_path / "z_talo_probe.jsonl")
+
+
+def test_the_analysis_of_a_confirm_run_re_decides_only_the_probe_only_rules(tmp_path):
+    """A confirming rule needs docs no probe round used: the offline rule comparison leaves it out
+    and says so, and the robustness figure follows its base rule."""
+    from lmms_talo.analysis.build import write_analysis
+    from lmms_talo.rules import probe_only_rules
+
+    log = tmp_path / "c_talo_probe.jsonl"
+    run_and_log(planted_table(np.random.default_rng(2)), 0, log, select_rule="confirm", select_base_rule="sign_test")
+    assert load_run(log).probe_rule_name == "sign_test"
+    text = write_analysis([log], tmp_path / "analysis").read_text()
+    assert "confirm" not in probe_only_rules() and "confirm: choice" not in text
+    assert all(f"{name}: choice" in text for name in probe_only_rules())
+    assert "A confirming rule (select_rule=confirm) is not re-decided offline" in text

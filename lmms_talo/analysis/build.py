@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rules import RULES
+from ..rules import probe_only_rules
 from . import figures
 from .agreement import between_runs, intervention_pairs, probe_vs_test
 from .clustering import bootstrap_stability, cluster
@@ -196,8 +196,8 @@ class AnalysisBuilder:
             return
         resamples = self.options.resamples
         by_rule = {name: [selection_distribution(s, run.rule(name), resamples, self.options.seed) for s in subs]
-                   for name in RULES}
-        own = run.rule().name
+                   for name in probe_only_rules()}
+        own = run.probe_rule_name
         layers = sorted({l for s in subs for l in s.layers})
         self.figure(
             f"{run.key}_selection_robustness",
@@ -205,16 +205,16 @@ class AnalysisBuilder:
             figures.selection_robustness, by_rule[own], layers,
             f"{run.label}\nlayer chosen by the {own} rule on {resamples} bootstrap resamples of the probe docs",
         )
-        rows = [[s.name] + [f"{d.chosen} ({d.win_rate:.0%})" for d in (by_rule[n][i] for n in RULES)]
+        rows = [[s.name] + [f"{d.chosen} ({d.win_rate:.0%})" for d in (by_rule[n][i] for n in probe_only_rules())]
                 for i, s in enumerate(subs)]
-        self.doc.table(["sub-task"] + [f"{n}: choice (resamples agreeing)" for n in RULES], rows)
+        self.doc.table(["sub-task"] + [f"{n}: choice (resamples agreeing)" for n in probe_only_rules()], rows)
         self.doc.paragraph(
             "Each rule's choice on the final probe set, and the share of bootstrap resamples of those probe docs on "
             "which the same rule makes the same choice ('none' keeps the full model)."
         )
         self.numbers["runs"][run.key]["robustness"] = {
             n: {d.subtask: {"chosen": d.chosen, "win_rate": d.win_rate, "counts": {str(k): v for k, v in d.counts.items()}}
-                for d in by_rule[n]} for n in RULES
+                for d in by_rule[n]} for n in probe_only_rules()
         }
 
     def multi_layer(self, run: Run) -> None:
@@ -281,7 +281,9 @@ class AnalysisBuilder:
         self.doc.paragraph(
             f"Each rule decides offline on the final probe set of every sub-task (threshold {rule.threshold:g}, "
             f"alpha {rule.alpha:g}, {rule.resamples} bootstrap resamples, seed {rule.seed}); its choice is then looked up in "
-            "the test scores. Keeping the full model counts as a gain of 0. 'Not scored' needs `test_all_layers=true`."
+            "the test scores. Keeping the full model counts as a gain of 0. 'Not scored' needs `test_all_layers=true`. "
+            "A confirming rule (select_rule=confirm) is not re-decided offline: it needs docs no probe round used; a "
+            "run of it records its own confirmation."
         )
         per_sub: dict[str, dict] = {}
         for c in choices:
@@ -290,9 +292,9 @@ class AnalysisBuilder:
         for name, by_rule in per_sub.items():
             rows.append([name] + [
                 "none" if c.layer is None else f"{c.layer} (probe {pp(c.probe_gain)}, test {pp(c.test_gain)})"
-                for c in (by_rule[r] for r in RULES)
+                for c in (by_rule[r] for r in probe_only_rules())
             ])
-        self.doc.table(["sub-task"] + list(RULES), rows)
+        self.doc.table(["sub-task"] + probe_only_rules(), rows)
         scatter = probe_vs_test(run)
         if self._all_layers_scored(run) and len(scatter.x) >= 3:
             self.figure(f"{run.key}_probe_vs_test",

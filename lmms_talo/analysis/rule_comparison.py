@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..rules import RULES
+from ..rules import probe_only_rules
 from ..report_reader import Run
 
 
@@ -34,7 +34,7 @@ class RuleSummary:
 def rule_choices(run: Run) -> list[RuleChoice]:
     choices = []
     for sub in run.swept_subtasks():
-        for name in RULES:
+        for name in probe_only_rules():
             outcome = sub.decide(run.rule(name))
             layer = outcome.selected
             test_gain = sub.test_gain("base" if layer is None else str(layer))
@@ -44,7 +44,7 @@ def rule_choices(run: Run) -> list[RuleChoice]:
 
 def summarize(choices: list[RuleChoice]) -> list[RuleSummary]:
     summaries = []
-    for name in RULES:
+    for name in probe_only_rules():
         mine = [c for c in choices if c.rule == name]
         chosen = [c for c in mine if c.layer is not None]
         known = [c.test_gain for c in mine if c.test_gain is not None]
