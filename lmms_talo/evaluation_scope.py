@@ -25,6 +25,7 @@ class Evaluation:
     tasks: dict[str, Any]  # task name -> Task
     cli_args: Any = None
     limit: Any = None  # the harness's --limit: the docs TaLo sees (and splits) are the limited ones
+    log_samples: bool = True  # the harness keeps sample rows: TaLo's probe log goes beside them
     splits: dict[str, ProbeSplit] = field(default_factory=dict)  # sub-task name -> its probe split
 
     def task(self, name: str) -> Any:
@@ -38,11 +39,11 @@ _current: Evaluation | None = None
 
 
 @contextlib.contextmanager
-def evaluation(tasks: dict[str, Any], cli_args: Any = None, limit: Any = None) -> Iterator[Evaluation]:
+def evaluation(tasks: dict[str, Any], cli_args: Any = None, limit: Any = None, log_samples: bool = True) -> Iterator[Evaluation]:
     """The state of one evaluation; an evaluation opened inside another gets its own, and the outer
     one's is back when it ends."""
     global _current
-    outer, _current = _current, Evaluation(dict(tasks), cli_args, limit)
+    outer, _current = _current, Evaluation(dict(tasks), cli_args, limit, log_samples)
     try:
         yield _current
     finally:

@@ -142,6 +142,14 @@ class TaloGroup:
     def docs(self) -> list:
         return sorted(self.doc_requests)
 
+    def rows_of(self, unit, responses: Sequence) -> Iterator[tuple[Any, Sequence]]:
+        """(doc, its responses) for each row of a probe unit, from the unit's responses in request order."""
+        cursor = 0
+        for doc in self.split.docs_of(unit):
+            n = len(self.doc_requests[doc])
+            yield doc, responses[cursor : cursor + n]
+            cursor += n
+
     def split_docs(self, config: TaloConfig) -> ProbeSplit:
         """The probe split of this sub-task by the config's protocol; a forced layer needs none."""
         keys = self.docs()
@@ -184,7 +192,7 @@ class TaloMixin:
         self.talo_report = TaloReport.start(self, self.talo, model_args)
         self.talo_ranks = current_ranks()
         self.talo_doc_info: dict[tuple, tuple] = {}  # (task, doc id) -> (knocked-out layers, in the probe pool)
-        self.talo_probe_rows: dict[str, list] = {}  # task -> every probe pass, for the harness's sample logs
+        self.talo_probe_rows: dict[str, list] = {}  # task -> every probe pass, kept only while the harness logs samples
         self._talo_progress = ProbeProgress("", 0, enabled=False)  # replaced for each harness call
 
     # --- the harness entry points ---
@@ -391,21 +399,12 @@ class TaloMixin:
             return by_unit
 
         def score(unit, responses) -> float:
-            rows, cursor = [], 0
-            for d in split.docs_of(unit):
-                n = len(group.doc_requests[d])
-                rows.append(scorer.score(group.task.eval_docs[d], group.doc_requests[d], responses[cursor : cursor + n]))
-                cursor += n
-            return min(rows)
+            return min(scorer.score(group.task.eval_docs[d], group.doc_requests[d], rows) for d, rows in group.rows_of(unit, responses))
 
         def margin(unit, responses) -> float:
             """select_stat=margin: a unit's worst row margin, as its score is its worst row's."""
-            rows, cursor = [], 0
-            for d in split.docs_of(unit):
-                n = len(group.doc_requests[d])
-                rows.append(scorer.margin(group.task.eval_docs[d], responses[cursor : cursor + n], self.talo_harness.likelihood_is_loss))
-                cursor += n
-            return min(rows)
+            loss = self.talo_harness.likelihood_is_loss
+            return min(scorer.margin(group.task.eval_docs[d], rows, loss) for d, rows in group.rows_of(unit, responses))
 
         if self.talo.select_stat == "margin":
             scorer.check_margin()
@@ -428,7 +427,7 @@ class TaloMixin:
 
         selection = select_knockout(group.split, self.talo, self.talo_candidate_layers, make_sweep)
         report.decided(selection)
-        if sweeps:
+        if sweeps and evaluation_scope.current().log_samples:  # the probe log goes beside the sample rows
             rows = probe_log_rows(report, selection, sweeps[0], group.split, self.talo_report.config, self.talo_report.model_identity)
             self.talo_probe_rows.setdefault(group.task_name, []).extend(rows)
         knockout = selection.knockout(self.talo.intervention)

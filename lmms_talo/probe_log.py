@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from .config import TaloArgumentError, TaloConfig
 from .interventions import Knockout
+from .report import GroupReport, decision_fields, round_entry
 from .rules import RoundOutcome, RuleError, SelectionRule
 
 PROBE_LOG_SUFFIX = "_talo_probe"
@@ -133,9 +134,9 @@ def rescore_subtask(header: dict, passes: list[dict], rule: SelectionRule) -> di
     """One sub-task re-decided from its passes: a talo_report.json sub-task entry, probe parts only."""
     name = header["subtask"]
     scores, stats = _scores(passes, "sweep", "score"), _scores(passes, "sweep", "statistic")
-    if "base" not in scores:
-        raise ProbeLogError(f"{name}: the log has no base-model pass")
-    rounds, outcome, notes = [], None, []
+    if "base" not in scores or not header["rounds"]:
+        raise ProbeLogError(f"{name}: the log has no base-model pass or no probe round")
+    rounds, notes = [], []
     for drawn in header["rounds"]:
         docs = list(drawn["probe_docs"])  # the units as the run had them (ids keep their JSON type)
         missing = [d for d in docs if str(d) not in scores["base"]]
@@ -145,48 +146,27 @@ def rescore_subtask(header: dict, passes: list[dict], rule: SelectionRule) -> di
         layers = {layer: on_docs(scores[str(layer)]) for layer in header["candidate_layers"]
                   if all(str(d) in scores.get(str(layer), {}) for d in docs)}
         outcome = _decide(rule, docs, on_docs(scores["base"]), layers, stats or None, name)
-        rounds.append({"round": drawn["round"], "drawn": drawn["drawn"], "size": len(docs), "probe_docs": docs,
-                       "baseline": outcome.baseline, "layer_scores": {str(k): v for k, v in outcome.layer_scores.items()},
-                       "selected": outcome.selected, "reason": outcome.reason,
-                       "evidence": {str(k): v for k, v in outcome.evidence.items()},
-                       "p_values": {str(k): v for k, v in outcome.p_values.items()},
-                       "holm_p": {str(k): v for k, v in outcome.holm.items()}})
+        rounds.append(round_entry(drawn["round"], drawn["drawn"], outcome))
         if outcome.cleared:
             break
-    if outcome is not None and not outcome.cleared and len(rounds) == len(header["rounds"]) and header["selected_layers"]:
+    if not outcome.cleared and len(rounds) == len(header["rounds"]) and header["selected_layers"]:
         notes.append("no recorded round clears the threshold under these scores; the run stopped at the round "
                      "that decided it, so the rounds it would have drawn next are not in the log")
     if len(rounds) < len(header["rounds"]):
         notes.append(f"decided at round {rounds[-1]['round']}; the run went on to round {header['rounds'][-1]['round']}")
-    selected = [] if outcome is None or outcome.selected is None else [outcome.selected]
-    reason = outcome.reason if outcome is not None else "not swept"
     if any(row["stage"] == "search" for row in passes):
         notes.append("the multi-layer search is not redone: its stages' passes are in probe_doc_scores as run")
-    confirmation = _reconfirm(rule, selected, passes, name) if rule.confirms and selected else None
-    if confirmation is not None:
-        reason = f"{reason}; {confirmation.reason}" if confirmation.kept else confirmation.reason
-        selected = selected if confirmation.kept else []
-    probe_doc_scores = dict(scores)
+    pool = sorted({d for row in passes for d in map(str, row["doc_ids"])})
+    report = GroupReport(header["task"], name, None, header["request_type"], pool, 0,
+                         candidate_layers=list(header["candidate_layers"]), rounds=rounds, **decision_fields(outcome))
+    report.probe_doc_scores = dict(scores)
     for label, table in _scores(passes, "search", "score").items():
-        probe_doc_scores.setdefault(label, {}).update(table)
-    final = outcome
-    return {
-        "task": header["task"], "subtask": name, "request_type": header["request_type"],
-        "candidate_layers": list(header["candidate_layers"]),
-        "pool": sorted({d for row in passes for d in map(str, row["doc_ids"])}),
-        "rounds": rounds,
-        "selected_layer": selected[0] if selected else None, "selected_layers": selected,
-        "selection_reason": reason, "tied_layers": list(final.tied_layers) if final else [],
-        "interaction_vector": {str(k): v for k, v in final.gains.items()} if final else {},
-        "interaction_holm_p": {str(k): v for k, v in final.holm.items()} if final else {},
-        "probe_docs": list(final.probe_docs) if final else [],
-        "probe_doc_scores": probe_doc_scores,
-        "confirmation": confirmation.to_dict() if confirmation is not None else {},
-        "recorded_selected_layers": list(header["selected_layers"]),
-        "recorded_selection_reason": header["selection_reason"],
-        "rescore_note": "; ".join(notes),
-        "test": {},
-    }
+        report.probe_doc_scores.setdefault(label, {}).update(table)
+    if rule.confirms and outcome.selected is not None:
+        report.record_confirmation(_reconfirm(rule, [outcome.selected], passes, name))
+    report.selected_layers = [] if report.selected_layer is None else [report.selected_layer]
+    return {**report.to_dict(), "recorded_selected_layers": list(header["selected_layers"]),
+            "recorded_selection_reason": header["selection_reason"], "rescore_note": "; ".join(notes)}
 
 
 def _reconfirm(rule: SelectionRule, selected: list[int], passes: list[dict], name: str):

@@ -63,6 +63,28 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def round_entry(index: int, drawn: str, outcome: Any, pruned: dict | None = None) -> dict:
+    """One probe round as the report keeps it: its units and why they were drawn, and the rule's
+    decision on them (a RoundOutcome) with its per-layer statistics."""
+    o = outcome
+    return {"round": index, "drawn": drawn, "size": len(o.probe_docs),
+            "probe_docs": list(o.probe_docs), "baseline": o.baseline,
+            "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
+            "selected": o.selected, "reason": o.reason,
+            "evidence": {str(k): v for k, v in o.evidence.items()},
+            "p_values": {str(k): v for k, v in o.p_values.items()},
+            "holm_p": {str(k): v for k, v in o.holm.items()},
+            "pruned": {str(k): p.to_dict() for k, p in (pruned or {}).items()}}
+
+
+def decision_fields(final: Any) -> dict:
+    """A sub-task's decision as the report keeps it, from the round the rounds ended on."""
+    return {"selected_layer": final.selected, "selection_reason": final.reason, "tied_layers": list(final.tied_layers),
+            "interaction_vector": {str(k): v for k, v in final.gains.items()},
+            "interaction_holm_p": {str(k): v for k, v in final.holm.items()},
+            "probe_docs": list(final.probe_docs)}
+
+
 @dataclass
 class GroupReport:
     task: str
@@ -124,9 +146,9 @@ class GroupReport:
             self.probe_doc_scores = selection.probe_doc_scores
             self.selected_layers = list(selection.layers)
             self.layer_stages = [stage.to_dict() for stage in selection.stages]
-            self._confirmed(selection.confirmation)
+            self.record_confirmation(selection.confirmation)
 
-    def _confirmed(self, confirmation) -> None:
+    def record_confirmation(self, confirmation) -> None:
         """select_rule=confirm: the confirmation record; a dropped knockout leaves no selected layer."""
         if confirmation is None:
             return
@@ -142,23 +164,12 @@ class GroupReport:
         final = result.final
         self.candidate_layers = list(result.candidate_layers)
         self.rounds = [
-            {"round": drawn.index, "drawn": drawn.why, "size": len(drawn.docs),
-             "probe_docs": list(o.probe_docs), "baseline": o.baseline,
-             "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
-             "selected": o.selected, "reason": o.reason,
-             "evidence": {str(k): v for k, v in o.evidence.items()},
-             "p_values": {str(k): v for k, v in o.p_values.items()},
-             "holm_p": {str(k): v for k, v in o.holm.items()},
-             "pruned": {str(k): p.to_dict() for k, p in pruned.items()}}
+            round_entry(drawn.index, drawn.why, o, pruned)
             for drawn, o, pruned in zip(result.probe_rounds, result.rounds, result.pruned_by_round())
         ]
         self.probe_stopped = result.stopped
-        self.selected_layer = final.selected
-        self.selection_reason = final.reason
-        self.tied_layers = list(final.tied_layers)
-        self.interaction_vector = {str(k): v for k, v in final.gains.items()}
-        self.interaction_holm_p = {str(k): v for k, v in final.holm.items()}
-        self.probe_docs = list(final.probe_docs)
+        for name, value in decision_fields(final).items():
+            setattr(self, name, value)
         self.sweep_seconds = result.seconds
         self.probe_docs_computed = result.docs_computed
         self.probe_docs_reused = result.docs_reused

@@ -74,6 +74,19 @@ def _apply_filters(ensemble: Any, instances: list, doc: dict) -> None:
         ensemble.apply(instances)
 
 
+def gold_option(task: Any, doc: dict) -> int | None:
+    """The gold option's index in a multiple-choice doc, as the task's process_results reads
+    doc_to_target (an index, or the option's text; of a list, the first); None when it names none or
+    the task has no options."""
+    if not getattr(getattr(task, "config", None), "doc_to_choice", None):
+        return None
+    choices = list(task.doc_to_choice(doc))
+    target = task.doc_to_target(doc)
+    target = target[0] if isinstance(target, list) and target else target
+    target = choices.index(target) if isinstance(target, str) and target in choices else target
+    return target if isinstance(target, int) and 0 <= target < len(choices) else None
+
+
 @dataclass
 class TaskScorer:
     """Scores one doc's raw responses the way the evaluator would, on copies of its requests."""
@@ -128,12 +141,11 @@ class TaskScorer:
         choices = self.task.doc_to_choice(doc)
         lls = [float(r[0]) for r in responses][: len(choices)]  # mutual-information tasks append unconditional ones
         lls = [-ll for ll in lls] if losses else lls
-        gold = self.task.doc_to_target(doc)
-        gold = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
-        if not isinstance(gold, int) or not 0 <= gold < len(choices) or len(choices) < 2:
+        gold = gold_option(self.task, doc)
+        if gold is None or len(choices) < 2:
             raise ScoringError(
                 f"select_stat=margin needs one gold option among at least two in {self.task_name!r}; doc_to_target "
-                f"gave {gold!r} for {len(choices)} options: use select_stat=score"
+                f"gave {self.task.doc_to_target(doc)!r} for {len(choices)} options: use select_stat=score"
             )
         return lls[gold] - max(ll for i, ll in enumerate(lls) if i != gold)
 

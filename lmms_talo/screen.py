@@ -43,6 +43,7 @@ from torch import nn
 
 from .backbone import decoder_layers, unwrap
 from .interventions import intervention as get_intervention
+from .scoring import gold_option
 
 
 class ScreenError(RuntimeError):
@@ -214,22 +215,18 @@ def pair_encoder(lm: Any) -> Callable[[str, str], tuple[list[int], list[int]]] |
     return None
 
 
-def gold_of(task: Any, doc: Any, index: bool) -> Any:
-    """The task's target as an option index (`index`: loglikelihood) or as a text (generation)."""
+def target_text(task: Any, doc: Any) -> Any:
+    """A generation doc's target as a text (an option index names its option's text)."""
     target = task.doc_to_target(doc)
-    if isinstance(target, list):
-        target = target[0]
+    target = target[0] if isinstance(target, list) and target else target
     choices = list(task.doc_to_choice(doc)) if getattr(getattr(task, "config", None), "doc_to_choice", None) else None
-    if choices and index and isinstance(target, str) and target in choices:
-        return choices.index(target)
-    if choices and not index and isinstance(target, int) and 0 <= target < len(choices):
-        return choices[target]
-    return target
+    return choices[target] if choices and isinstance(target, int) and 0 <= target < len(choices) else target
 
 
-def _check_option(gold: Any, count: int) -> int:
-    if not isinstance(gold, int) or not 0 <= gold < count:
-        raise ScreenError(f"sweep=screen: the task's target {gold!r} is not an option index of the doc's {count} options")
+def _gold_index(task: Any, doc: Any, count: int) -> int:
+    gold = gold_option(task, doc)
+    if gold is None or gold >= count:
+        raise ScreenError(f"sweep=screen: the task's target {task.doc_to_target(doc)!r} is not an option index of the doc's {count} options")
     return gold
 
 
@@ -354,20 +351,18 @@ def task_screen(lm: Any, model: nn.Module, group: Any, run_one: Callable[[Any], 
     tokenizer = None if likelihood else tokenizer_of(lm)
 
     def items(unit, responses) -> list[ScreenItem]:
-        out, cursor = [], 0
-        for doc_id in group.split.docs_of(unit):
+        out = []
+        for doc_id, answers in group.rows_of(unit, responses):
             requests = group.doc_requests[doc_id]
-            answers = responses[cursor : cursor + len(requests)]
-            cursor += len(requests)
-            gold = gold_of(task, task.eval_docs[doc_id], likelihood)
+            doc = task.eval_docs[doc_id]
             if likelihood:
                 options = [encoded_option(encode, r, device) if encode else labelled_option(capture_prompt(model, lambda r=r: run_one(r)))
                            for r in requests]
-                out.append(ScreenItem(options, _check_option(gold, len(options))))
+                out.append(ScreenItem(options, _gold_index(task, doc, len(options))))
                 continue
             for request, answer in zip(requests, answers):
                 prompt = capture_prompt(model, lambda r=request: run_one(r))
-                out.append(generation_item(prompt, tokenizer, gold, answer))
+                out.append(generation_item(prompt, tokenizer, target_text(task, doc), answer))
         return out
 
     return Screen(model, items, config.screen_top, config.screen_random, config.seed)

@@ -31,11 +31,12 @@ def fingerprint_of(payload: dict) -> str:
 
 
 def library_versions(harness: str | None) -> dict:
-    """The installed releases whose changes can change an answer: transformers, torch, the harness."""
+    """The installed releases whose changes can change an answer or its score: lmms-talo itself (its
+    scoring, the screen's estimates), transformers, torch, the harness."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("transformers", "torch", *([harness] if harness else [])):
+    for name in ("lmms-talo", "transformers", "torch", *([harness] if harness else [])):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

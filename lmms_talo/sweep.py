@@ -194,12 +194,9 @@ class LayerSweep:
 
     # --- one (variant, doc) at a time ---
 
-    def _lookup(self, label: str, doc: Hashable) -> tuple[float, list] | None:
-        return self._known.get((label, str(doc))) or self.store.get(label, doc)
-
     def record(self, label: str, doc: Hashable) -> tuple[float, list] | None:
         """(score, responses) of a variant on a doc, computed here, merged from a rank or stored."""
-        return self._lookup(label, doc)
+        return self._known.get((label, str(doc))) or self.store.get(label, doc)
 
     def _remember(self, label: str, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
         self._known[(label, str(doc))] = (score, responses)
@@ -261,7 +258,7 @@ class LayerSweep:
         then the base pass runs even when stored, because it records what the knockouts replay.
         `check`: run it with replay and in full, and compare (`_checked_run`)."""
         label = knockout.label if knockout else "base"
-        hit = self._lookup(label, doc)
+        hit = self.record(label, doc)
         if hit is not None and not (replaying and knockout is None):
             result.docs_reused += 1
             self._remember(label, doc, *hit, result)
@@ -297,9 +294,9 @@ class LayerSweep:
         The variant of the highest layer to run goes first, through replay's self-check
         (`_checked_run`): it replays the most layers (every recorded layer output and K/V write
         below it), so it exercises the most replay, and if replay is wrong no other variant used it."""
-        todo = [k for k in knockouts if self._lookup(k.label, doc) is None]
+        todo = [k for k in knockouts if self.record(k.label, doc) is None]
         replaying = self.replay is not None and self.replay.enabled and bool(todo) and (
-            self._lookup("base", doc) is None or self.replay.saves_work(todo)
+            self.record("base", doc) is None or self.replay.saves_work(todo)
         )
         checked = max(todo, key=lambda k: min(k.layers, default=0)) if replaying else None
         with self._doc_records():
@@ -316,7 +313,7 @@ class LayerSweep:
         scores: dict = {}
         missing = []
         for doc in docs:
-            hit = self._lookup(label, doc)
+            hit = self.record(label, doc)
             if hit is None:
                 missing.append(doc)
                 continue
@@ -415,7 +412,7 @@ class LayerSweep:
         "screen") or computed (each rank a share of the docs, then merged), persisted as each lands."""
         estimates, todo = {}, []
         for doc in probe:
-            hit = self._lookup("screen", doc)
+            hit = self.record("screen", doc)
             stored = hit[1][0] if hit else {}
             if all(str(layer) in stored for layer in layers):
                 estimates[doc] = (hit[0], {layer: stored[str(layer)] for layer in layers})
@@ -437,12 +434,12 @@ class LayerSweep:
         the full round itself."""
         base = {doc: self._doc(doc, [], result)[0] for doc in probe}
         self._merge(base, {}, result)
-        if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
+        baseline = mean([base[d] for d in probe])
+        if skip_if_perfect and baseline_is_perfect(baseline):
             return self.rule.decide(probe, base, {}, stream), {}
         screened = self._screen_estimates(probe, layers, intervention)
         estimates = {d: effects for d, (_, effects) in screened.items()}
         totals = {layer: sum(estimates[d][layer] for d in probe) for layer in layers}
-        baseline = mean([base[d] for d in probe])
         predicted = {layer: score - baseline for layer, score in predicted_scores(
             {d: base[d] for d in probe}, {d: screened[d][0] for d in probe}, estimates, layers).items()}
         top, drawn = chosen_layers(predicted, totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}")

@@ -45,7 +45,7 @@ def test_form_model_args_and_dtype_each_recompute_every_probe_pass(tmp_path, tin
     again, counts = _run(tmp_path, "again", state)
     assert counts == (0, PROBE_RESULTS), "an unchanged rerun reuses every probe pass"
     assert again["subtasks"][0]["interaction_vector"] == first["subtasks"][0]["interaction_vector"]
-    assert set(again["versions"]) == {"transformers", "torch", "lmms-eval"} and all(again["versions"].values())
+    assert set(again["versions"]) == {"lmms-talo", "transformers", "torch", "lmms-eval"} and all(again["versions"].values())
     assert len(list(state["dir"].glob("*.jsonl"))) == 4
 
 

@@ -125,3 +125,19 @@ def test_response_cache_never_mixes_base_and_knockout(tmp_path, tiny_model_dir):
     assert knocked == answers("talo_llava", talo_args, None), "a knocked-out run must not be served base answers"
     assert knocked != base
     assert answers("llava_hf", base_args, cache) == base, "a base run must not be served knocked-out answers"
+
+
+@pytest.mark.parametrize("log_samples", [True, False])
+def test_probe_passes_are_kept_only_while_the_harness_logs_samples(tmp_path, tiny_model_dir, log_samples):
+    """The probe log goes beside the sample rows; without them TaLo keeps no probe pass past its sub-task."""
+    model_name, arch, force_simple, extra = MATRIX[0]
+    folder = write_image_task(tmp_path / "task", "talo_gen", [f"a{i % 3}" for i in range(N_DOCS)])
+    args = (f"{extra}pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},"
+            f"report={tmp_path / 'report.json'},state_dir=none")
+    lm, results = evaluate(model_name, args, folder, "talo_gen", force_simple, log_samples=log_samples)
+    assert ("samples" in results) is log_samples
+    if log_samples:
+        header, *passes = lm.talo_probe_rows["talo_gen"]
+        assert header["kind"] == "subtask" and passes and all(p["kind"] == "pass" for p in passes)
+    else:
+        assert lm.talo_probe_rows == {}

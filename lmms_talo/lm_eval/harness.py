@@ -38,7 +38,7 @@ def _scope(lm, task_dict, kwargs):
     # lm-eval 0.4.13 passes {"tasks": {name: Task}, "groups": ..., "group_map": ...}; older ones a nested dict
     nested = isinstance(task_dict, dict) and isinstance(task_dict.get("tasks"), dict)
     tasks = evaluation_scope.tasks_of(task_dict["tasks"] if nested else task_dict)
-    return evaluation_scope.evaluation(tasks, RUN["args"], kwargs.get("limit"))
+    return evaluation_scope.evaluation(tasks, RUN["args"], kwargs.get("limit"), kwargs.get("log_samples", True))
 
 
 class LmEval(Harness):

@@ -18,7 +18,8 @@ def _scope(lm, task_dict: dict, kwargs: dict):
     from ..mixin import TaloMixin
 
     repairs = loglikelihood_outputs_kept() if isinstance(lm, TaloMixin) else contextlib.nullcontext()
-    scope = evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict), kwargs.get("cli_args"), kwargs.get("limit"))
+    scope = evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict), kwargs.get("cli_args"), kwargs.get("limit"),
+                                        kwargs.get("log_samples", True))
     with scope, repairs:
         yield
 
