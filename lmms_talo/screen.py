@@ -32,17 +32,16 @@ decide among them.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backbone import decoder_layers, unwrap
 from .interventions import intervention as get_intervention
+from .option_logprobs import PackingCheck, packed_logprobs, separate_logprobs
 from .scoring import gold_option
 
 
@@ -67,39 +66,8 @@ class ScreenItem:
 # --- the per-doc score and its gradient ---
 
 
-def _text_only(prompt: dict) -> bool:
-    return set(prompt) <= {"input_ids", "attention_mask"}
-
-
-def _logprobs(model: nn.Module, options: list[tuple[dict, list[int]]]) -> list[torch.Tensor]:
-    """Teacher-forced sum log p of each option's continuation after its prompt: one batch when the
-    options share one text-only prompt, one forward per option otherwise."""
-    first = options[0][0]
-    shared = all(_text_only(p) and torch.equal(p["input_ids"], first["input_ids"]) for p, _ in options)
-    groups = [options] if shared else [[option] for option in options]
-    out = []
-    for group in groups:
-        prompt = group[0][0]
-        ids = prompt["input_ids"]
-        extra = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
-        mask = prompt.get("attention_mask", torch.ones_like(ids))
-        group = [c for _, c in group]
-        longest = max(len(c) for c in group)
-        rows = torch.stack([torch.cat([ids[0], torch.tensor(c + [0] * (longest - len(c)), dtype=ids.dtype, device=ids.device)]) for c in group])
-        masks = torch.stack([torch.cat([mask[0], torch.tensor([1] * len(c) + [0] * (longest - len(c)), dtype=mask.dtype, device=mask.device)]) for c in group])
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:  # the continuation's positions only
-            extra = dict(extra, logits_to_keep=longest + 1)
-        logits = model(input_ids=rows, attention_mask=masks, use_cache=False, **extra).logits
-        logits = logits[:, -longest - 1 : -1]
-        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        for row, c in enumerate(group):
-            target = torch.tensor(c, device=logp.device)
-            out.append(logp[row, torch.arange(len(c), device=logp.device), target].sum())
-    return out
-
-
-def _item_score(model: nn.Module, item: ScreenItem) -> torch.Tensor:
-    logp = _logprobs(model, item.options)
+def _item_score(model: nn.Module, item: ScreenItem, packed: bool = False) -> torch.Tensor:
+    logp = (packed_logprobs if packed else separate_logprobs)(model, item.options)
     rivals = [lp for i, lp in enumerate(logp) if i != item.gold]
     return logp[item.gold] - torch.stack(rivals).max()
 
@@ -144,15 +112,18 @@ def _perturbable(model: nn.Module, layers: Sequence[int], intervention: str):
             handle.remove()
 
 
-def doc_effects(model: nn.Module, items: Sequence[ScreenItem], layers: Sequence[int], intervention: str) -> tuple[float, dict[int, float]]:
+def doc_effects(model: nn.Module, items: Sequence[ScreenItem], layers: Sequence[int], intervention: str,
+                packing: PackingCheck | None = None) -> tuple[float, dict[int, float]]:
     """(S of one doc, {layer: estimated change of S under the knockout}): one forward and one
-    backward over the doc's items, gradients with respect to activations only."""
+    backward over the doc's items, gradients with respect to activations only; each item's options
+    packed into one sequence where `packing` has proved that equal (lmms_talo.option_logprobs)."""
     model = unwrap(model)
     items = [item for item in items if len(item.options) > 1]
     if not items:
         return 0.0, {layer: 0.0 for layer in layers}
+    packed = [packing is not None and packing.allows(model, item.options) for item in items]  # before the hooks go on
     with torch.inference_mode(False), torch.enable_grad(), _perturbable(model, layers, intervention) as taken:
-        score = torch.stack([_item_score(model, item) for item in items]).sum()
+        score = torch.stack([_item_score(model, item, pack) for item, pack in zip(items, packed)]).sum()
         pairs = [(layer, z, delta) for layer in layers for z, delta in taken[layer]]
         grads = torch.autograd.grad(score, [z for _, z, _ in pairs], allow_unused=True)
     effects = {layer: 0.0 for layer in layers}
@@ -327,16 +298,17 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 @dataclass
 class Screen:
     """What the sweep needs to screen a sub-task: the model, the items of a probe unit (from its
-    base responses), and how many layers run exactly."""
+    base responses), how many layers run exactly, and whether its options may be packed."""
 
     model: nn.Module
     items: Callable[[Hashable, list], list[ScreenItem]]
     top: int = 3
     others: int = 2
     seed: int = 0
+    packing: PackingCheck = field(default_factory=PackingCheck)
 
     def effects(self, unit: Hashable, responses: list, layers: Sequence[int], intervention: str) -> tuple[float, dict[int, float]]:
-        return doc_effects(self.model, self.items(unit, responses), layers, intervention)
+        return doc_effects(self.model, self.items(unit, responses), layers, intervention, self.packing)
 
 
 def task_screen(lm: Any, model: nn.Module, group: Any, run_one: Callable[[Any], Any], config: Any) -> Screen:

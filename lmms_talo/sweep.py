@@ -453,6 +453,7 @@ class LayerSweep:
             "top": top, "random": drawn,
             "exact_gains": {str(layer): gains[layer] for layer in exact},
             "spearman": spearman([predicted[layer] for layer in exact], [gains[layer] for layer in exact]),
+            "packed_options": self.screen.packing.verdict, "packing_check": self.screen.packing.reason,
         })
         return outcome, pruned
 

@@ -58,12 +58,15 @@ def _report_doc_mean(group) -> float:
     return sum(scores) / len(scores)
 
 
+@pytest.mark.parametrize("sweep", ["full", "screen"])
 @pytest.mark.parametrize("model_name, arch, force_simple, extra", MATRIX, ids=[f"{m[0]}-{m[1]}-{'simple' if m[2] else 'chat'}" for m in MATRIX])
-def test_named_model_runs_talo(tmp_path, tiny_model_dir, model_name, arch, force_simple, extra):
+def test_named_model_runs_talo(tmp_path, tiny_model_dir, model_name, arch, force_simple, extra, sweep):
+    """sweep=screen with screen_top = every candidate runs the whole sweep exactly after its gradient
+    pass, so the same checks hold; the screen's record must say how it scored the options."""
     folder = write_image_task(tmp_path / "task", "talo_gen", [f"a{i % 3}" for i in range(N_DOCS)])
     report_path = tmp_path / "report.json"
     args = (f"{extra}pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},"
-            f"report={report_path},state_dir=none")
+            f"report={report_path},state_dir=none,sweep={sweep},screen_top=3")
     lm, results = evaluate(model_name, args, folder, "talo_gen", force_simple)
     report = json.loads(report_path.read_text())
     (group,) = report["subtasks"]
@@ -74,6 +77,12 @@ def test_named_model_runs_talo(tmp_path, tiny_model_dir, model_name, arch, force
     # TaLo's scorer agrees with lmms-eval's own aggregate over all answered docs.
     assert results["results"]["talo_gen"]["exact_match,none"] == pytest.approx(_report_doc_mean(group))
     assert group["test"]["talo"]["n"] == N_DOCS - len(group["pool"])
+    if sweep == "screen":
+        swept = [entry for entry in group["screen"]]
+        assert len(swept) == sum(1 for r in group["rounds"] if r["layer_scores"])
+        for entry in swept:
+            assert sorted(entry["estimates"], key=int) == ["1", "2", "3"]
+            assert entry["packed_options"] is not None and entry["packing_check"]
 
 
 def test_loglikelihood_multiple_choice(tmp_path, tiny_model_dir):

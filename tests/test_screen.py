@@ -16,7 +16,7 @@ from test_sweep import (  # noqa: F401
     random_table,
     task_manager,
 )
-from tiny_models import load_processor, load_tiny
+from tiny_models import ARCHITECTURES, example_inputs, load_processor, load_tiny
 
 from lmms_talo.interventions import (
     INTERVENTIONS,
@@ -25,6 +25,7 @@ from lmms_talo.interventions import (
     knocked_out,
     register,
 )
+from lmms_talo.option_logprobs import PackingCheck, packable, packed_logprobs, separate_logprobs
 from lmms_talo.probe import split_subtask
 from lmms_talo.rules import decide_round, make_rule
 from lmms_talo.screen import (
@@ -46,6 +47,7 @@ class TableScreen:
     def __init__(self, table, top, others, seed=0, signal=None):
         self.table, self.top, self.others, self.seed, self.signal = table, top, others, seed, signal or {}
         self.calls = 0
+        self.packing = PackingCheck()
 
     def effects(self, doc, responses, layers, intervention):
         self.calls += 1
@@ -226,19 +228,85 @@ def test_the_screen_leaves_the_model_as_loaded(tiny_lm):
 
 def test_the_screens_option_likelihoods_are_the_model_classs_own(tiny_model_dir):
     """S is built from the same tokens the harness scores: each option's log p from the screen's
-    forward equals what hf_causal_lm's loglikelihood returns for it."""
+    forward, separate or packed, equals what hf_causal_lm's loglikelihood returns for it."""
     from types import SimpleNamespace
 
     from lmms_talo.lmms.text_model import CausalLM
-    from lmms_talo.screen import _logprobs, encoded_option, pair_encoder
+    from lmms_talo.screen import encoded_option, pair_encoder
 
     lm = CausalLM(pretrained=str(tiny_model_dir("smollm2")), device="cpu", dtype="float32", chat_template=False)
     requests = [SimpleNamespace(args=("Question: which colour? Answer:", f" {c}")) for c in ("red", "dark blue", "green")]
     options = [encoded_option(pair_encoder(lm), r, "cpu") for r in requests]
-    with torch.no_grad():
-        ours = [float(v) for v in _logprobs(lm.model, options)]
     theirs = [-loss for loss, _ in lm.loglikelihood(requests)]
-    assert ours == pytest.approx(theirs, abs=1e-4)
+    for way in (separate_logprobs, packed_logprobs):
+        with torch.no_grad():
+            ours = [float(v) for v in way(lm.model, options)]
+        assert ours == pytest.approx(theirs, abs=1e-4), way.__name__
+
+
+# --- packed options: proved equal at run time, or the screen steps aside ---
+
+# Qwen-VL's multimodal rotary positions are not the plain position ids the packed form passes: the
+# check must find the difference and keep the separate way there.
+UNPACKABLE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+
+
+def _processor_item(arch, tiny_model_dir):
+    model = load_tiny(arch, tiny_model_dir(arch))
+    processor = load_processor(arch, tiny_model_dir(arch))
+    prompt = dict(example_inputs(arch, processor))  # images, grids and per-token type ids as the processor gives them
+    tokenizer = getattr(processor, "tokenizer", processor)
+    options = [(prompt, tokenizer.encode(text, add_special_tokens=False)) for text in (" red apple", " blue", " green tree house")]
+    return model, ScreenItem(options, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_options_are_proved_equal_or_the_screen_steps_aside(tiny_model_dir, arch):
+    model, item = _processor_item(arch, tiny_model_dir)
+    check = PackingCheck()
+    layers = [0, 1]
+    plain = doc_effects(model, [item], layers, "zero")
+    packed = doc_effects(model, [item], layers, "zero", check)
+    if arch in UNPACKABLE:
+        assert check.verdict is False and "differ" in check.reason
+        assert packed == plain  # the separate way, bit for bit
+        return
+    assert check.verdict is True, check.reason
+    with torch.no_grad():
+        one = [float(v) for v in packed_logprobs(model, item.options)]
+        other = [float(v) for v in separate_logprobs(model, item.options)]
+    assert one == pytest.approx(other, rel=1e-5)
+    assert packed[0] == pytest.approx(plain[0], rel=1e-5)
+    for layer in layers:
+        assert packed[1][layer] == pytest.approx(plain[1][layer], rel=1e-4, abs=1e-5)
+
+
+def test_a_model_that_refuses_the_packed_form_is_scored_separately(tiny_lm):
+    model, items = tiny_lm
+
+    def refuse_custom_masks(module, args, kwargs):
+        if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4:
+            raise ValueError("custom 4D masks are not supported")
+
+    handle = model.register_forward_pre_hook(refuse_custom_masks, with_kwargs=True)
+    try:
+        check = PackingCheck()
+        assert doc_effects(model, items, [0, 1], "zero", check) == doc_effects(model, items, [0, 1], "zero")
+    finally:
+        handle.remove()
+    assert check.verdict is False and "custom 4D masks are not supported" in check.reason
+
+
+def test_only_unpadded_shared_prompts_are_packed(tiny_lm):
+    _, items = tiny_lm
+    options = items[0].options
+    prompt = options[0][0]
+    assert packable(options)
+    assert not packable(options[:1])  # one option: nothing to share
+    padded = dict(prompt, attention_mask=torch.cat([torch.zeros(1, 1, dtype=torch.long), torch.ones_like(prompt["input_ids"][:, 1:])], dim=1))
+    assert not packable([(padded, c) for _, c in options])
+    other = dict(prompt, input_ids=prompt["input_ids"].flip(1))
+    assert not packable([options[0], (other, options[1][1])])
 
 
 # --- through lmms-eval: both request types, every paper intervention, the store ---
@@ -265,6 +333,7 @@ def test_lmms_eval_screen_with_every_layer_equals_the_full_sweep(tmp_path, tiny_
         assert screen["selected_layer"] == full["selected_layer"]
         (entry,) = screen["screen"]
         assert sorted(entry["estimates"], key=int) == [str(l) for l in screen["candidate_layers"]]
+        assert entry["packed_options"] is True, entry["packing_check"]  # both request types, images included
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -285,7 +354,10 @@ def test_lmms_eval_screen_runs_only_the_chosen_layers_and_resumes(tmp_path, tiny
     assert {p.name: _store_records(p) for p in (tmp_path / "s").glob("*.jsonl")} == stores
     again = _reports(tmp_path / "b.json")
     assert all(g["probe_docs_computed"] == 0 for g in again)
-    assert [g["screen"] for g in again] == [g["screen"] for g in _reports(tmp_path / "a.json")]
+    how = ("packed_options", "packing_check")  # how this run computed estimates: here it computed none
+    first = [[{k: v for k, v in e.items() if k not in how} for e in g["screen"]] for g in _reports(tmp_path / "a.json")]
+    assert [[{k: v for k, v in e.items() if k not in how} for e in g["screen"]] for g in again] == first
+    assert all(e["packed_options"] is None and e["packing_check"].startswith("not checked") for g in again for e in g["screen"])
 
 
 # --- several processes: each rank screens a share of the docs, every rank decides the same way ---
