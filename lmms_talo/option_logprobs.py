@@ -42,12 +42,23 @@ def _same_prompt(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
-def packable(options: list[Option]) -> bool:
-    """Several options after one prompt with no padding in it (a padded prompt keeps the separate way)."""
+def _attention_window(model: nn.Module) -> int | None:
+    """The text backbone's sliding attention window, if it has one: a custom mask replaces it."""
+    config = getattr(model.config, "text_config", None) or model.config
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def packable(model: nn.Module, options: list[Option]) -> bool:
+    """Several options after one prompt with no padding in it (a padded prompt keeps the separate
+    way), the packed sequence within any sliding attention window (which the packed mask omits)."""
     prompt = options[0][0]
     mask = prompt.get("attention_mask")
+    window = _attention_window(model)
+    length = prompt["input_ids"].shape[1] + sum(len(c) for _, c in options)
     return (len(options) > 1 and all(_same_prompt(prompt, p) for p, _ in options[1:])
-            and (mask is None or bool(mask.all())))
+            and (mask is None or bool(mask.all())) and (window is None or length <= window))
 
 
 def _prompt_extras(prompt: dict, appended: int) -> dict:
@@ -133,7 +144,7 @@ class PackingCheck:
         self.reason = "not checked: no estimate was computed here for options after one shared prompt (read from the store, or none shared one)"
 
     def allows(self, model: nn.Module, options: list[Option]) -> bool:
-        if not packable(options):
+        if not packable(model, options):
             return False
         if self.verdict is None:
             self.verdict, self.reason = self._prove(model, options)

@@ -9,8 +9,13 @@ for a differentiable per-doc score S. h'_l comes from re-running layer l under t
 own hooks (lmms_talo.interventions), so every registered intervention is screened the way it runs,
 and the difference includes the layer's MLP reacting to the changed attention output. Gradients are
 taken with respect to activations only: a zero tensor added to every candidate layer's output is the
-only thing differentiated (torch.autograd.grad), so no parameter gets a gradient, no parameter's
-requires_grad is touched and no weight is written.
+only thing differentiated (torch.autograd.grad), so no parameter gets a gradient and no weight is
+written. Memory stays near plain evaluation's: the parameters are frozen for the pass (requires_grad
+restored in `finally`), or autograd would keep every linear layer's input for a weight gradient
+nobody asks for, the vision tower's whole graph included; and each decoder layer is checkpointed
+(torch.utils.checkpoint: only its input is kept, its forward runs again in the backward), which
+costs one more forward of the prompt. On the realistic VLM of benchmarks/ (576 image tokens) the
+pass peaked at 1.74x plain evaluation's memory with neither (benchmarks/README.md).
 
 S per doc (`ScreenItem`):
   loglikelihood    the gold option's log-likelihood margin over the best wrong option, each option
@@ -21,7 +26,9 @@ S per doc (`ScreenItem`):
                    it (captured by a forward pre-hook on the first model call of the request, which
                    is then cut short: images, chat template and processor included).
 A doc the base model answers with the target itself has S = 0 for generation: the screen sees no
-signal there (the exact confirmation still scores it).
+signal there (the exact confirmation still scores it). An item's options share their prompt: they
+are packed into one sequence after it wherever that is proved equal to scoring them one by one
+(lmms_talo.option_logprobs), so the prompt, images included, is run and differentiated once.
 
 The ranking (`predicted_scores`, `chosen_layers`): per layer, the probe score the estimates predict
 (a doc right when S plus its estimated change is positive), then the summed estimate. Nothing here
@@ -37,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .backbone import decoder_layers, unwrap
@@ -70,6 +78,42 @@ def _item_score(model: nn.Module, item: ScreenItem, packed: bool = False) -> tor
     logp = (packed_logprobs if packed else separate_logprobs)(model, item.options)
     rivals = [lp for i, lp in enumerate(logp) if i != item.gold]
     return logp[item.gold] - torch.stack(rivals).max()
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module):
+    """Parameters that require grad stop requiring it for the block, and are restored after it."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _checkpointed_layers(model: nn.Module):
+    """Every decoder layer's forward runs under activation checkpointing for the block. The module's
+    own hooks stay outside the checkpointed forward, so the recomputation in the backward does not
+    fire them again."""
+    layers = [site.layer for site in decoder_layers(model)]
+    own = {id(layer): layer.__dict__["forward"] for layer in layers if "forward" in layer.__dict__}  # accelerate's offload hooks
+
+    def checkpointed(forward):
+        return lambda *args, **kwargs: torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    try:
+        for layer in layers:
+            layer.forward = checkpointed(layer.forward)
+        yield
+    finally:
+        for layer in layers:
+            if id(layer) in own:
+                layer.forward = own[id(layer)]
+            else:
+                layer.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
@@ -122,7 +166,8 @@ def doc_effects(model: nn.Module, items: Sequence[ScreenItem], layers: Sequence[
     if not items:
         return 0.0, {layer: 0.0 for layer in layers}
     packed = [packing is not None and packing.allows(model, item.options) for item in items]  # before the hooks go on
-    with torch.inference_mode(False), torch.enable_grad(), _perturbable(model, layers, intervention) as taken:
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model), _checkpointed_layers(model), \
+            _perturbable(model, layers, intervention) as taken:
         score = torch.stack([_item_score(model, item, pack) for item, pack in zip(items, packed)]).sum()
         pairs = [(layer, z, delta) for layer in layers for z, delta in taken[layer]]
         grads = torch.autograd.grad(score, [z for _, z, _ in pairs], allow_unused=True)

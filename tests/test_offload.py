@@ -40,3 +40,23 @@ def test_offloaded_knockout_equals_resident(models, intervention, layer):
     assert not torch.equal(plain, want)
     with torch.no_grad():
         assert torch.equal(plain, resident(**inputs).logits), "nothing leaks into the offloaded weights"
+
+
+@pytest.mark.parametrize("intervention", ["zero", "uniform"])
+def test_offloaded_screen_equals_resident(models, intervention):
+    """The gradient screen (parameters frozen, layers checkpointed) on accelerate-dispatched layers:
+    the same estimates, and the layers' own offload forwards are back in place afterwards."""
+    from lmms_talo.option_logprobs import PackingCheck
+    from lmms_talo.screen import ScreenItem, doc_effects
+
+    resident, offloaded, tokenizer = models
+    prompt = {"input_ids": example_inputs("llama", tokenizer)["input_ids"]}
+    item = ScreenItem([(prompt, tokenizer.encode(text, add_special_tokens=False)) for text in (" red", " blue sky")], 0)
+    forwards = [layer.__dict__.get("forward") for layer in offloaded.model.layers]
+    want = doc_effects(resident, [item], [1, 2, 3], intervention, PackingCheck())
+    got = doc_effects(offloaded, [item], [1, 2, 3], intervention, PackingCheck())
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    assert got[1] == pytest.approx(want[1], rel=1e-5, abs=1e-7)
+    assert [layer.__dict__.get("forward") for layer in offloaded.model.layers] == forwards
+    assert all(f is not None for f in forwards)  # accelerate's own, kept
+    assert all(p.requires_grad for p in resident.parameters())

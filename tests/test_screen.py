@@ -222,6 +222,7 @@ def test_the_screen_leaves_the_model_as_loaded(tiny_lm):
         assert all(p.grad is None for p in model.parameters())
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert not any("forward" in m.__dict__ for m in model.modules())  # the checkpointed forwards are gone
     finally:
         frozen.requires_grad_(True)
 
@@ -297,16 +298,24 @@ def test_a_model_that_refuses_the_packed_form_is_scored_separately(tiny_lm):
     assert check.verdict is False and "custom 4D masks are not supported" in check.reason
 
 
-def test_only_unpadded_shared_prompts_are_packed(tiny_lm):
-    _, items = tiny_lm
+def test_only_unpadded_shared_prompts_within_the_attention_window_are_packed(tiny_lm):
+    model, items = tiny_lm
     options = items[0].options
     prompt = options[0][0]
-    assert packable(options)
-    assert not packable(options[:1])  # one option: nothing to share
+    assert packable(model, options)
+    assert not packable(model, options[:1])  # one option: nothing to share
     padded = dict(prompt, attention_mask=torch.cat([torch.zeros(1, 1, dtype=torch.long), torch.ones_like(prompt["input_ids"][:, 1:])], dim=1))
-    assert not packable([(padded, c) for _, c in options])
+    assert not packable(model, [(padded, c) for _, c in options])
     other = dict(prompt, input_ids=prompt["input_ids"].flip(1))
-    assert not packable([options[0], (other, options[1][1])])
+    assert not packable(model, [options[0], (other, options[1][1])])
+    length = prompt["input_ids"].shape[1] + sum(len(c) for _, c in options)
+    try:
+        model.config.sliding_window = length  # the packed sequence just fits
+        assert packable(model, options)
+        model.config.sliding_window = length - 1  # it would not: the packed mask would drop the window
+        assert not packable(model, options)
+    finally:
+        del model.config.sliding_window
 
 
 # --- through lmms-eval: both request types, every paper intervention, the store ---
