@@ -85,7 +85,7 @@ def separate_logprobs(model: nn.Module, options: list[Option]) -> list[torch.Ten
     """Sum log p of each option's continuation: one batch when the options share one text-only prompt,
     one forward per option otherwise."""
     first = options[0][0]
-    shared = all(_text_only(p) and torch.equal(p["input_ids"], first["input_ids"]) for p, _ in options)
+    shared = _text_only(first) and all(_same_prompt(first, p) for p, _ in options[1:])
     groups = [options] if shared else [[option] for option in options]
     out = []
     for group in groups:
