@@ -43,7 +43,7 @@ def exactness(archs, dtypes, device: str, work: Path) -> list[dict]:
         load_tiny,
     )
 
-    from lmms_talo.interventions import Knockout, edit_weights_in_place, knocked_out
+    from lmms_talo.method.interventions import Knockout, edit_weights_in_place, knocked_out
 
     rows = []
     for arch in archs:

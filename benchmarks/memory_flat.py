@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmms_talo.report_reader import Run, load_run
+from lmms_talo.outputs.report_reader import Run, load_run
 
 HERE = Path(__file__).resolve().parent
 

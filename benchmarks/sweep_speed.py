@@ -79,7 +79,7 @@ class PassCounter:
         self.model_calls = self.layer_forwards = self.layer_tokens = self.vision_calls = 0
 
     def attach(self, model) -> None:
-        from lmms_talo.backbone import decoder_layers, unwrap
+        from lmms_talo.method.backbone import decoder_layers, unwrap
 
         model = unwrap(model)
         sites = decoder_layers(model)
@@ -101,8 +101,8 @@ def _lmms_eval_setup(spec: dict, mode: str):
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    from lmms_talo import evaluation_scope
-    from lmms_talo.mixin import TaloMixin
+    from lmms_talo.harness import evaluation_scope
+    from lmms_talo.harness.mixin import TaloMixin
 
     def load():
         lm = get_model(spec["model"], True).create_from_arg_string(f"{spec['model_args']},{talo_args(mode)}")
@@ -123,8 +123,8 @@ def _lmms_eval_setup(spec: dict, mode: str):
 def run_mode(spec: dict, mode: str) -> dict:
     import torch
 
-    from lmms_talo.interventions import edit_weights_in_place
-    from lmms_talo.scoring import TaskScorer
+    from lmms_talo.method.interventions import edit_weights_in_place
+    from lmms_talo.harness.scoring import TaskScorer
 
     torch.set_num_threads(spec["threads"])
     lm, group, load, base_method_of = _lmms_eval_setup(spec, mode)
@@ -293,7 +293,7 @@ def _ranked(*keys: dict) -> list[str]:
 def _top_curve(ref: dict, ranked: list[str]) -> dict[int, int | None]:
     """The layer the gain rule selects among the first N `ranked` layers, for every N, from the
     reference sweep's exact per-doc scores (what screen_top=N, screen_random=0 selects)."""
-    from lmms_talo.rules import decide_round
+    from lmms_talo.method.rules import decide_round
 
     probe = ref["probe_docs"]
     scores = ref["doc_scores"]
@@ -309,7 +309,7 @@ def _smooth_diagnostics(ref: dict, screen: dict, layers: list[str]) -> dict | No
     - the layer screen_top=N selects when layers are ranked by their summed estimate alone (the
       screen's ranking before the predicted probe score), and by the exact margin change (the best a
       ranking by the smooth score's change could do)."""
-    from lmms_talo.screen import spearman
+    from lmms_talo.method.screen import spearman
 
     if "doc_margins" not in ref:
         return None
@@ -325,7 +325,7 @@ def figures(model: str, per_task: list[dict]) -> dict:
     the naive (and full) sweep over the tasks both ran on, peak RSS, exact variant passes; per screen
     mode the agreement with the full sweep on the same probe docs, the Spearman correlation of the
     screen's estimates with the exact gains, and the layer screen_top=N would select for every N."""
-    from lmms_talo.screen import spearman
+    from lmms_talo.method.screen import spearman
 
     by_task = [{r["mode"]: r for r in t["rows"]} for t in per_task]
     names = list(dict.fromkeys(m for t in by_task for m in t))

@@ -36,16 +36,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmms_talo.config import TaloConfig
+from lmms_talo.method.config import TaloConfig
 from lmms_talo.demo import driver
 from lmms_talo.demo.bigbench import mentioned_options
 from lmms_talo.demo.driver import DemoTask
-from lmms_talo.probe import ProbeSplit
-from lmms_talo.report_reader import run_of
-from lmms_talo.rules import paired_flip_p
-from lmms_talo.selection import select_knockout
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from lmms_talo.method.probe_split import ProbeSplit
+from lmms_talo.outputs.report_reader import run_of
+from lmms_talo.method.rules import paired_flip_p
+from lmms_talo.method.selection import select_knockout
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 
 SHOTS = 8
 LIMIT = 72  # docs per task: pool 24 (round 0: 8, at least 16 left to confirm on), 48 test docs
@@ -142,7 +142,7 @@ class StoredTask:
         return float(int(np.argmin([r[0] for r in responses[: len(options)]])) == gold)
 
     def margin(self, doc: int, responses: list, gold: int) -> float:
-        """select_stat=margin under `gold` (lmms_talo.scoring.TaskScorer.margin on lmms-eval's losses)."""
+        """select_stat=margin under `gold` (lmms_talo.harness.scoring.TaskScorer.margin on lmms-eval's losses)."""
         lls = [-float(r[0]) for r in responses[: len(self.docs[doc]["options"])]]  # lmms-eval: losses
         return lls[gold] - max(ll for i, ll in enumerate(lls) if i != gold)
 

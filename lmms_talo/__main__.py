@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from lmms_talo.cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""`lmms-talo`: one console script, one module per subcommand under lmms_talo.commands.
+"""`lmms-talo`: one console script, one module per subcommand under lmms_talo.commands
+(`<name>_command.py` is the subcommand `<name>`, underscores as dashes).
 
 Each command module exposes `HELP` (one line) and `add_arguments(parser)` and `run(args) -> int`;
 commands that hand their arguments to another CLI (eval, lm-eval) set `PASSTHROUGH = True`.
@@ -11,14 +12,14 @@ import importlib
 import pkgutil
 import sys
 
-from . import commands
+from lmms_talo import commands
 
 
 def _command_modules() -> dict:
     found = {}
     for info in pkgutil.iter_modules(commands.__path__):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        found[getattr(module, "NAME", info.name.replace("_", "-"))] = module
+        found[getattr(module, "NAME", info.name.removesuffix("_command").replace("_", "-"))] = module
     return found
 
 

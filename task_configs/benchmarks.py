@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lmms_talo.pool_exclusion import SubTaskDocs, aggregate_test_docs, marked_results, slug
+from lmms_talo.harness.pool_exclusion import SubTaskDocs, aggregate_test_docs, marked_results, slug
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def benchmark_configs(bench: Benchmark, data: str | None = None) -> dict[str, di
 
 
 def render(bench: Benchmark, config: dict) -> str:
-    from lmms_talo.pool_exclusion import DEFAULT_SEED, DEFAULT_SHOTS
+    from lmms_talo.harness.pool_exclusion import DEFAULT_SEED, DEFAULT_SHOTS
 
     head = HEADER.format(builtin=bench.builtin_yaml, shots=DEFAULT_SHOTS, seed=DEFAULT_SEED)
     return head + yaml.dump(config, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)

@@ -13,13 +13,13 @@ from lmms_talo.analysis.agreement import between_runs, intervention_pairs
 from lmms_talo.analysis.clustering import adjusted_rand_index, bootstrap_stability, cluster
 from lmms_talo.analysis.robustness import selection_distribution
 from lmms_talo.analysis.rule_comparison import rule_choices, summarize
-from lmms_talo.report_reader import ReportError, load_runs
+from lmms_talo.outputs.report_reader import ReportError, load_runs
 from lmms_talo.analysis.transfer import transfer_matrix
-from lmms_talo.config import TaloConfig
-from lmms_talo.report import GroupReport, TaloReport
-from lmms_talo.probe import FIRST_DRAW, ProbeRound
-from lmms_talo.selection import Selection
-from lmms_talo.sweep import SweepResult
+from lmms_talo.method.config import TaloConfig
+from lmms_talo.outputs.report import GroupReport, TaloReport
+from lmms_talo.method.probe_split import FIRST_DRAW, ProbeRound
+from lmms_talo.method.selection import Selection
+from lmms_talo.method.sweep import SweepResult
 
 # --- hand-built reports -------------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def subtask_report(task: str, name: str, base: dict, layers: dict, test_scores: 
                    pool: list | None = None) -> GroupReport:
     """A GroupReport filled through the adapter's own recording path (decided/scored/scored_variant).
     `test_scores`: variant label ('base', '3') -> {doc: score} on test docs."""
-    from lmms_talo.rules import make_rule
+    from lmms_talo.method.rules import make_rule
 
     docs = list(base)
     outcome = make_rule("gain").decide(docs, base, layers, stream=name)

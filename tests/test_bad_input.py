@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from harness import write_image_task
-from lmms_talo.config import TaloArgumentError, TaloConfig, parse_layers
-from lmms_talo.interventions import InterventionError
-from lmms_talo.subtasks import CategoryFieldError
+from cli_tasks import write_image_task
+from lmms_talo.method.config import TaloArgumentError, TaloConfig, parse_layers
+from lmms_talo.method.interventions import InterventionError
+from lmms_talo.method.subtasks import CategoryFieldError
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 
@@ -98,7 +98,7 @@ def test_category_granularity_without_a_known_field(llava_cls, tiny_model_dir, t
 
 
 def test_failed_generation_in_a_probe_is_an_error_not_a_zero(llava_cls, tiny_model_dir, tmp_path):
-    from lmms_talo.mixin import GenerationFailed
+    from lmms_talo.harness.mixin import GenerationFailed
 
     folder = write_image_task(tmp_path, "talo_broken", ["a"] * 12)
     yaml = folder / "talo_broken.yaml"

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from harness import run_lmms_eval, write_image_task
-from lmms_talo.config import TaloArgumentError, TaloConfig
-from lmms_talo.probe import split_subtask
-from lmms_talo.report import GroupReport, summary_table
-from lmms_talo.rules import holm_adjusted, paired_flip_p, paired_tests
-from lmms_talo.selection import select_knockout
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from cli_tasks import run_lmms_eval, write_image_task
+from lmms_talo.method.config import TaloArgumentError, TaloConfig
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.outputs.report import GroupReport, summary_table
+from lmms_talo.method.rules import holm_adjusted, paired_flip_p, paired_tests
+from lmms_talo.method.selection import select_knockout
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 LAYERS = tuple(range(1, 11))
@@ -278,7 +278,7 @@ def test_margin_on_a_generation_task_is_refused_with_the_fix(tmp_path, tiny_mode
 
 
 def test_both_harnesses_give_the_same_margins(tmp_path, tiny_model_dir):
-    """lmms-eval answers losses and lm-eval log-likelihoods (lmms_talo.harness: likelihood_is_loss):
+    """lmms-eval answers losses and lm-eval log-likelihoods (lmms_talo.harness.base: likelihood_is_loss):
     the same BIG-bench-style task through both CLIs gives the same confirmation docs and margins."""
     import subprocess
     import sys

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from harness import cli_env
+from cli_tasks import cli_env
 
 pytestmark = pytest.mark.slow
 

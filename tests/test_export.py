@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from harness import cli_env
-from lmms_talo.export import export
-from lmms_talo.interventions import Knockout, knocked_out
+from cli_tasks import cli_env
+from lmms_talo.outputs.export import export
+from lmms_talo.method.interventions import Knockout, knocked_out
 from tiny_models import ARCHITECTURES, example_inputs, load_processor, load_tiny
 
 

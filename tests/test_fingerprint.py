@@ -7,8 +7,8 @@ rerun reuses them all. Results written under other library versions are never re
 
 import json
 
-from harness import run_lmms_eval, write_image_task
-from lmms_talo.store import ProbeStore
+from cli_tasks import run_lmms_eval, write_image_task
+from lmms_talo.outputs.probe_store import ProbeStore
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 SHOTS, LAYERS = 3, 2
@@ -65,7 +65,7 @@ def test_results_written_under_other_versions_are_not_reused(tmp_path, caplog):
 
 def test_fingerprint_ignores_memory_addresses():
     """Model args given from Python may be objects: their reprs' addresses change every run."""
-    from lmms_talo.store import fingerprint_of
+    from lmms_talo.outputs.probe_store import fingerprint_of
 
     assert fingerprint_of({"arg": object()}) == fingerprint_of({"arg": object()})
     assert fingerprint_of({"arg": object()}) != fingerprint_of({"arg": 1})
@@ -76,7 +76,7 @@ def test_pool_content_changes_with_a_docs_prompt_or_target_not_with_other_docs()
     answer of a pool doc) under the same task config gets a new store, a change outside the pool not."""
     from types import SimpleNamespace
 
-    from lmms_talo.store import pool_content
+    from lmms_talo.outputs.probe_store import pool_content
 
     def digest(prompts, targets, pool=(0, 2)):
         task = SimpleNamespace(eval_docs=[{"t": t} for t in targets], doc_to_target=lambda doc: doc["t"])

@@ -1,13 +1,13 @@
-"""Multi-layer search (lmms_talo.greedy_search) through the real LayerSweep and ProbeStore, on a score
+"""Multi-layer search (lmms_talo.method.greedy_search) through the real LayerSweep and ProbeStore, on a score
 table: each variant's per-doc correctness is given, and `answer` reports which variant ran."""
 
 from __future__ import annotations
 
-from lmms_talo.greedy_search import search_more_layers
-from lmms_talo.probe import split_subtask
-from lmms_talo.rules import make_rule
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from lmms_talo.method.greedy_search import search_more_layers
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.method.rules import make_rule
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 
 SHOTS = 10
 LAYERS = (1, 2, 3, 4)

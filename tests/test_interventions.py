@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from lmms_talo.backbone import UnsupportedModelError, decoder_layers
-from lmms_talo.interventions import (
+from lmms_talo.method.backbone import UnsupportedModelError, decoder_layers
+from lmms_talo.method.interventions import (
     InterventionError,
     Knockout,
     edit_weights_in_place,

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from harness import cli_env, run_lmms_eval
+from cli_tasks import cli_env, run_lmms_eval
 from lmms_talo.demo.bigbench import convert_task, multiple_choice_docs
-from lmms_talo.interventions import Knockout, knocked_out
+from lmms_talo.method.interventions import Knockout, knocked_out
 
 N_DOCS = 15
 SHOTS = 3
@@ -35,7 +35,7 @@ def _oracle_task(model_dir) -> dict:
     ORACLE_LAYER knocked out, kept only where the full model and every other knockout pick another
     (a random tiny model's choice moves with a knockout on few docs: candidates are drawn until
     N_DOCS qualify)."""
-    from lmms_talo.lmms.text_model import CausalLM
+    from lmms_talo.harness.lmms.text_model import CausalLM
 
     lm = CausalLM(pretrained=str(model_dir), device="cpu", chat_template="false")
     candidates = [
@@ -144,8 +144,8 @@ def test_talo_args_copied_into_lm_eval_task_metadata_do_not_change_the_probe_fin
     report path or compare_base setting must be reused under another, never under another prompt."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from lmms_talo.config import TaloConfig
-    from lmms_talo.store import task_config_identity
+    from lmms_talo.method.config import TaloConfig
+    from lmms_talo.outputs.probe_store import task_config_identity
 
     _, folder = oracle_tasks
 
@@ -186,7 +186,7 @@ def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from lmms_talo.lmms.text_model import CausalLM
+    from lmms_talo.harness.lmms.text_model import CausalLM
 
     path = str(tiny_model_dir("llama"))
     ours = CausalLM(pretrained=path, device="cpu", chat_template="false")
@@ -210,7 +210,7 @@ def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir):
      ({"batch_size": "auto"}, "batch_size must be a positive integer")],
 )
 def test_hf_causal_lm_rejects_bad_model_args(tiny_model_dir, args, message):
-    from lmms_talo.lmms.text_model import CausalLM, ModelArgumentError
+    from lmms_talo.harness.lmms.text_model import CausalLM, ModelArgumentError
 
     with pytest.raises(ModelArgumentError, match=message):
         CausalLM(pretrained=str(tiny_model_dir("llama")), device="cpu", **args)
@@ -218,7 +218,7 @@ def test_hf_causal_lm_rejects_bad_model_args(tiny_model_dir, args, message):
 
 def test_the_lm_eval_path_imports_no_lmms_eval_module(oracle_tasks, tmp_path):
     """A TaLo evaluation through lm-eval in a process where `import lmms_eval` fails: the harness seam
-    keeps every lmms-eval import on the lmms-eval side (lmms_talo.harness)."""
+    keeps every lmms-eval import on the lmms-eval side (lmms_talo.harness.base)."""
     model_dir, folder = oracle_tasks
     report = tmp_path / "report.json"
     args = [
@@ -251,7 +251,7 @@ def test_the_pinned_lm_eval_finds_talo_hf_only_through_the_wrapper():
         "import lm_eval.models\n"
         "from lm_eval.api.registry import get_model\n"
         "try:\n    get_model('talo_hf')\nexcept Exception as exc:\n    print('unknown:', exc)\nelse:\n    print('found')\n"
-        "from lmms_talo.lm_eval.model import register\nregister()\nprint('registered:', get_model('talo_hf').__name__)\n"
+        "from lmms_talo.harness.lm_eval.model import register\nregister()\nprint('registered:', get_model('talo_hf').__name__)\n"
     )
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

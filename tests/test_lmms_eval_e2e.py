@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness import run_lmms_eval, samples, write_image_task
+from cli_tasks import run_lmms_eval, samples, write_image_task
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 N_DOCS = 30
@@ -159,7 +159,7 @@ def _probe_log_is_redecided_offline(probe, group, tmp_path):
 
     from harness import cli_env
 
-    from lmms_talo.probe_log import report_from_probe_log
+    from lmms_talo.outputs.probe_log import report_from_probe_log
 
     (again,) = report_from_probe_log(probe)["subtasks"]
     for key in ("selected_layers", "interaction_vector", "probe_docs", "probe_doc_scores"):

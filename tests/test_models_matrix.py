@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from harness import write_image_task
-from lmms_talo.backbone import unwrap
+from cli_tasks import write_image_task
+from lmms_talo.method.backbone import unwrap
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 N_DOCS = 12

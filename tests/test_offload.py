@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmms_talo.interventions import Knockout, knocked_out
+from lmms_talo.method.interventions import Knockout, knocked_out
 from tiny_models import example_inputs, load_processor, load_tiny
 
 
@@ -46,8 +46,8 @@ def test_offloaded_knockout_equals_resident(models, intervention, layer):
 def test_offloaded_screen_equals_resident(models, intervention):
     """The gradient screen (parameters frozen, layers checkpointed) on accelerate-dispatched layers:
     the same estimates, and the layers' own offload forwards are back in place afterwards."""
-    from lmms_talo.option_logprobs import PackingCheck
-    from lmms_talo.screen import ScreenItem, doc_effects
+    from lmms_talo.method.option_logprobs import PackingCheck
+    from lmms_talo.method.screen import ScreenItem, doc_effects
 
     resident, offloaded, tokenizer = models
     prompt = {"input_ids": example_inputs("llama", tokenizer)["input_ids"]}

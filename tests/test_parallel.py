@@ -11,12 +11,12 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness import cli_env, samples, write_image_task
-from lmms_talo.parallel import Ranks
-from lmms_talo.probe import split_subtask
-from lmms_talo.rules import make_rule
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from cli_tasks import cli_env, samples, write_image_task
+from lmms_talo.method.parallel import Ranks
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.method.rules import make_rule
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 from test_sweep import LAYERS, ScoreTable, random_table
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 

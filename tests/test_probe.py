@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from lmms_talo.probe import ProbeSplitError, pool_size, split_subtask
+from lmms_talo.method.probe_split import ProbeSplitError, pool_size, split_subtask
 
 
 @pytest.mark.parametrize("n, shots", [(30, 4), (31, 10), (100, 10), (500, 10), (500, 15), (500, 20), (60, 20)])

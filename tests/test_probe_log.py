@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from lmms_talo.config import TaloConfig
-from lmms_talo.probe import split_subtask
-from lmms_talo.probe_log import ProbeLogError, probe_log_rows, report_from_probe_log
-from lmms_talo.report import GroupReport
-from lmms_talo.report_reader import ReportError, load_run
-from lmms_talo.selection import select_knockout
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from lmms_talo.method.config import TaloConfig
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.outputs.probe_log import ProbeLogError, probe_log_rows, report_from_probe_log
+from lmms_talo.outputs.report import GroupReport
+from lmms_talo.outputs.report_reader import ReportError, load_run
+from lmms_talo.method.selection import select_knockout
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 from test_confirm import LAYERS, N_DOCS, SHOTS, Table, null_table, planted_table
 
 
@@ -123,7 +123,7 @@ def test_the_analysis_of_a_confirm_run_re_decides_only_the_probe_only_rules(tmp_
     """A confirming rule needs docs no probe round used: the offline rule comparison leaves it out
     and says so, and the robustness figure follows its base rule."""
     from lmms_talo.analysis.build import write_analysis
-    from lmms_talo.rules import probe_only_rules
+    from lmms_talo.method.rules import probe_only_rules
 
     log = tmp_path / "c_talo_probe.jsonl"
     run_and_log(planted_table(np.random.default_rng(2)), 0, log, select_rule="confirm", select_base_rule="sign_test")

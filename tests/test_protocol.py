@@ -3,11 +3,11 @@ and when the rounds stop; run through LayerSweep on score tables, so the sweep's
 
 import pytest
 
-from lmms_talo.config import TaloArgumentError, TaloConfig
-from lmms_talo.probe import FIRST_DRAW, ProbeSplit, split_subtask
-from lmms_talo.rules import make_rule
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from lmms_talo.method.config import TaloArgumentError, TaloConfig
+from lmms_talo.method.probe_split import FIRST_DRAW, ProbeSplit, split_subtask
+from lmms_talo.method.rules import make_rule
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 
 LAYERS = (1, 2, 3)
 SHOTS = 10

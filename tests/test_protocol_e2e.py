@@ -10,10 +10,10 @@ import sys
 from collections import defaultdict
 
 import benchmark_fixtures as fixtures
-from harness import cli_env, run_lmms_eval, samples, write_image_task
+from cli_tasks import cli_env, run_lmms_eval, samples, write_image_task
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
-from lmms_talo import pool_exclusion
+from lmms_talo.harness import pool_exclusion
 
 
 def _llava_args(tiny_model_dir, report, extra):

@@ -5,10 +5,10 @@ import pathlib
 import pytest
 import torch
 
-from lmms_talo import interventions
-from lmms_talo.config import TaloConfig
-from lmms_talo.export import export
-from lmms_talo.interventions import Intervention, InterventionError, Knockout, knocked_out
+from lmms_talo.method import interventions
+from lmms_talo.method.config import TaloConfig
+from lmms_talo.outputs.export import export
+from lmms_talo.method.interventions import Intervention, InterventionError, Knockout, knocked_out
 from tiny_models import example_inputs, load_processor, load_tiny
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -63,7 +63,7 @@ def _readme_row(arg: str) -> str:
 
 
 def test_the_readme_lists_every_registered_intervention_and_rule():
-    from lmms_talo.rules import RULES
+    from lmms_talo.method.rules import RULES
 
     for name in interventions.names():
         assert f"`{name}`" in _readme_row("intervention"), f"README's intervention row misses {name}"
@@ -73,7 +73,7 @@ def test_the_readme_lists_every_registered_intervention_and_rule():
 
 def test_a_registered_rule_is_accepted_and_decides(monkeypatch):
     """A toy guarded rule: a layer must win on at least two more probe docs than it loses."""
-    from lmms_talo import rules
+    from lmms_talo.method import rules
 
     monkeypatch.setattr(rules, "RULES", dict(rules.RULES))
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from harness import cli_env, run_lmms_eval, write_image_task
-from lmms_talo.scoring import ScoringError
-from lmms_talo.store import ProbeStore
+from cli_tasks import cli_env, run_lmms_eval, write_image_task
+from lmms_talo.harness.scoring import ScoringError
+from lmms_talo.outputs.probe_store import ProbeStore
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 
@@ -113,7 +113,7 @@ def test_task_without_a_scorable_metric(tmp_path, tiny_model_dir):
 # --- one evaluation's state ends with it (issue 12, part 3) ---
 
 POOL_TASK_UTILS = '''
-from lmms_talo.pool_exclusion import SubTaskDocs, aggregate_test_docs, marked_results
+from lmms_talo.harness.pool_exclusion import SubTaskDocs, aggregate_test_docs, marked_results
 
 
 def _answer_is_yes(doc, results):
@@ -149,8 +149,8 @@ def test_a_plain_evaluation_after_a_talo_one_sees_none_of_its_state(tmp_path, ti
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager
 
-    from lmms_talo import evaluation_scope, pool_exclusion
-    from lmms_talo.probe import split_subtask
+    from lmms_talo.harness import evaluation_scope, pool_exclusion
+    from lmms_talo.method.probe_split import split_subtask
 
     monkeypatch.setenv(pool_exclusion.SHOTS_ENV, "3")
     monkeypatch.delenv(pool_exclusion.SEED_ENV, raising=False)
@@ -200,7 +200,7 @@ def _probe(model, cls_kind, tmp_path, tiny_model_dir, break_it):
 
 def test_a_failed_decode_in_a_probe_is_an_error_not_an_empty_answer(tmp_path, tiny_model_dir, monkeypatch):
     """lmms-eval's chat llava_hf decodes inside its generate try/except, logs the error, answers ""."""
-    from lmms_talo.mixin import GenerationFailed
+    from lmms_talo.harness.mixin import GenerationFailed
 
     def broken_decode(lm):
         def batch_decode(*args, **kwargs):
@@ -216,7 +216,7 @@ def test_a_failed_image_preprocessing_in_a_probe_is_an_error_not_an_imageless_an
     """lmms-eval's simple qwen2_vl catches an image it cannot encode, logs it and answers without it."""
     from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 
-    from lmms_talo.mixin import GenerationFailed
+    from lmms_talo.harness.mixin import GenerationFailed
 
     def broken_image_encoding(lm):
         def encode(self, image):

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
-from lmms_talo.backbone import decoder_layers
-from lmms_talo.interventions import Knockout, knocked_out
-from lmms_talo.replay import PrefixReplay
+from lmms_talo.method.backbone import decoder_layers
+from lmms_talo.method.interventions import Knockout, knocked_out
+from lmms_talo.method.prefix_replay import PrefixReplay
 from tiny_models import (
     ARCHITECTURES, TEXT_ARCHITECTURES, VLM_ARCHITECTURES, example_inputs, load_processor, load_tiny,
 )

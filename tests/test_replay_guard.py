@@ -13,15 +13,15 @@ import json
 import logging
 
 import pytest
-from harness import write_image_task
+from cli_tasks import write_image_task
 from test_replay import _context_then_continuations, assert_identical, outputs
 from tiny_models import LMMS_EVAL_MODEL_ARGS, example_inputs, load_processor, load_tiny
 
-import lmms_talo.replay
-from lmms_talo.backbone import decoder_layers
-from lmms_talo.interventions import Knockout
-from lmms_talo.replay import PrefixReplay, disabled_reason
-from lmms_talo.report import summary_table
+import lmms_talo.method.prefix_replay
+from lmms_talo.method.backbone import decoder_layers
+from lmms_talo.method.interventions import Knockout
+from lmms_talo.method.prefix_replay import PrefixReplay, disabled_reason
+from lmms_talo.outputs.report import summary_table
 
 ARCH = "smollm2"  # lmms-talo's own hf_causal_lm class runs it: generate_until and loglikelihood
 LAYERS = (1, 2, 3)
@@ -213,7 +213,7 @@ def test_the_run_time_check_catches_what_record_time_cannot_see(tmp_path, tiny_m
     continuations then run on a cache the replayed layers never filled, and only the comparison with
     a full pass shows it. The first likelihood doc passes its check (one pass, no cache): the doc of
     the other kind is checked anew, and that check catches it."""
-    monkeypatch.setattr(lmms_talo.replay, "_cache_given", lambda args, kwargs: None)
+    monkeypatch.setattr(lmms_talo.method.prefix_replay, "_cache_given", lambda args, kwargs: None)
     stores, groups = _sweep(tmp_path, "replay", tiny_model_dir, task_manager, monkeypatch, "renamed_cache_argument")
     _assert_naive_answers(stores, naive[0], groups)
     statuses = [group["sweep_replay"]["status"] for group in groups]

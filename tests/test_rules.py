@@ -1,15 +1,15 @@
-"""The selection rules (lmms_talo.rules) on hand-built per-doc score tables with known answers."""
+"""The selection rules (lmms_talo.method.rules) on hand-built per-doc score tables with known answers."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmms_talo.config import TaloConfig
-from lmms_talo.rules import bootstrap_indices, make_rule, sign_test_p
-from lmms_talo.rules import decide_round
-from lmms_talo.probe import split_subtask
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep
+from lmms_talo.method.config import TaloConfig
+from lmms_talo.method.rules import bootstrap_indices, make_rule, sign_test_p
+from lmms_talo.method.rules import decide_round
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep
 
 DOCS = [str(d) for d in range(20)]
 

@@ -18,17 +18,17 @@ from test_sweep import (  # noqa: F401
 )
 from tiny_models import ARCHITECTURES, example_inputs, load_processor, load_tiny
 
-from lmms_talo.interventions import (
+from lmms_talo.method.interventions import (
     INTERVENTIONS,
     Intervention,
     Knockout,
     knocked_out,
     register,
 )
-from lmms_talo.option_logprobs import PackingCheck, packable, packed_logprobs, separate_logprobs
-from lmms_talo.probe import split_subtask
-from lmms_talo.rules import decide_round, make_rule
-from lmms_talo.screen import (
+from lmms_talo.method.option_logprobs import PackingCheck, packable, packed_logprobs, separate_logprobs
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.method.rules import decide_round, make_rule
+from lmms_talo.method.screen import (
     ScreenItem,
     _item_score,
     chosen_layers,
@@ -36,8 +36,8 @@ from lmms_talo.screen import (
     doc_effects,
     spearman,
 )
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerSweep, SweepModeError
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerSweep, SweepModeError
 
 
 class TableScreen:
@@ -131,7 +131,7 @@ def test_screen_mode_without_a_screen_is_refused():
     ({"sweep": "screen", "screen_top": "many"}, "bad value for model arg screen_top='many'"),
 ])
 def test_bad_screen_args_are_refused_by_name(args, message):
-    from lmms_talo.config import TaloArgumentError, TaloConfig
+    from lmms_talo.method.config import TaloArgumentError, TaloConfig
 
     with pytest.raises(TaloArgumentError, match=message):
         TaloConfig.pop_from(dict(args))
@@ -232,8 +232,8 @@ def test_the_screens_option_likelihoods_are_the_model_classs_own(tiny_model_dir)
     forward, separate or packed, equals what hf_causal_lm's loglikelihood returns for it."""
     from types import SimpleNamespace
 
-    from lmms_talo.lmms.text_model import CausalLM
-    from lmms_talo.screen import encoded_option, pair_encoder
+    from lmms_talo.harness.lmms.text_model import CausalLM
+    from lmms_talo.method.screen import encoded_option, pair_encoder
 
     lm = CausalLM(pretrained=str(tiny_model_dir("smollm2")), device="cpu", dtype="float32", chat_template=False)
     requests = [SimpleNamespace(args=("Question: which colour? Answer:", f" {c}")) for c in ("red", "dark blue", "green")]
@@ -391,7 +391,7 @@ def _worker(rank, world, init_file, out_dir):
 
     import torch.distributed as dist
 
-    from lmms_talo.parallel import Ranks
+    from lmms_talo.method.parallel import Ranks
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -404,7 +404,7 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_ranks_screen_like_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from lmms_talo.parallel import Ranks
+    from lmms_talo.method.parallel import Ranks
 
     mp.spawn(_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     alone = json.loads(json.dumps(_screen_all(Ranks())))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmms_talo.rules import EXACT_FLIP_LIMIT, holm_adjusted, paired_flip_p, sign_test_p
+from lmms_talo.method.rules import EXACT_FLIP_LIMIT, holm_adjusted, paired_flip_p, sign_test_p
 
 
 def test_the_flip_test_is_the_sign_test_on_pass_fail_scores():

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from harness import write_image_task
-from lmms_talo.probe import split_subtask
-from lmms_talo.rules import baseline_is_perfect, decide_round, make_rule, mean
-from lmms_talo.store import ProbeStore
-from lmms_talo.sweep import LayerPruner, LayerSweep, SweepModeError
+from cli_tasks import write_image_task
+from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.method.rules import baseline_is_perfect, decide_round, make_rule, mean
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.sweep import LayerPruner, LayerSweep, SweepModeError
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 LAYERS = (1, 2, 3, 4, 5, 6)

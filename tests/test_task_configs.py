@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 import benchmark_fixtures as fixtures
-from harness import cli_env, run_lmms_eval, samples
+from cli_tasks import cli_env, run_lmms_eval, samples
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
-from lmms_talo import evaluation_scope, pool_exclusion
-from lmms_talo.probe import pool_size, split_subtask
+from lmms_talo.harness import evaluation_scope, pool_exclusion
+from lmms_talo.method.probe_split import pool_size, split_subtask
 from lmms_talo.task_configs import benchmarks as B
 from lmms_talo.task_configs import generate
 
@@ -233,7 +233,7 @@ def test_wheel_ships_and_finds_the_configs(tmp_path):
     for bench in B.BENCHMARKS:
         assert f"lmms_talo/task_configs/{bench.folder}/_{bench.group}.yaml" in names
     assert {"lmms_talo/task_configs/__init__.py", "lmms_talo/task_configs/benchmarks.py",
-            "lmms_talo/task_configs/generate.py", "lmms_talo/pool_exclusion.py"} <= names
+            "lmms_talo/task_configs/generate.py", "lmms_talo/harness/pool_exclusion.py"} <= names
     subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, timeout=600)
     probe = (
         "from lmms_talo.task_configs.generate import bundled_folder; f = bundled_folder(); "

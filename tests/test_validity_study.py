@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmms_talo.rules import paired_flip_p
+from lmms_talo.method.rules import paired_flip_p
 
 ROOT = Path(__file__).resolve().parent.parent
 

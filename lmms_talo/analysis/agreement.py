@@ -10,7 +10,7 @@ from itertools import combinations
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from ..report_reader import Run
+from lmms_talo.outputs.report_reader import Run
 
 
 @dataclass

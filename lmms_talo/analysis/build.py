@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rules import probe_only_rules
-from . import figures
-from .agreement import between_runs, intervention_pairs, probe_vs_test
-from .clustering import bootstrap_stability, cluster
-from .document import Document
-from .robustness import selection_distribution
-from .rule_comparison import rule_choices, summarize
-from ..report_reader import Run, doc_mean, label_of, load_runs
-from .tables import paper_table
-from .transfer import transfer_matrix
+from lmms_talo.method.rules import probe_only_rules
+from lmms_talo.analysis import figures
+from lmms_talo.analysis.agreement import between_runs, intervention_pairs, probe_vs_test
+from lmms_talo.analysis.clustering import bootstrap_stability, cluster
+from lmms_talo.analysis.document import Document
+from lmms_talo.analysis.robustness import selection_distribution
+from lmms_talo.analysis.rule_comparison import rule_choices, summarize
+from lmms_talo.outputs.report_reader import Run, doc_mean, label_of, load_runs
+from lmms_talo.analysis.tables import paper_table
+from lmms_talo.analysis.transfer import transfer_matrix
 
 
 @dataclass(frozen=True)

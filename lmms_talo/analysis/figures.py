@@ -16,10 +16,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from scipy.cluster.hierarchy import dendrogram
 
-from .agreement import Agreement
-from .clustering import Clustering, Stability
-from .robustness import NONE, SelectionDistribution
-from .transfer import TransferMatrix
+from lmms_talo.analysis.agreement import Agreement
+from lmms_talo.analysis.clustering import Clustering, Stability
+from lmms_talo.analysis.robustness import NONE, SelectionDistribution
+from lmms_talo.analysis.transfer import TransferMatrix
+from lmms_talo.outputs.report_reader import Run
 
 DPI = 150
 MISSING = "#9a9a9a"  # cells with no value: darker than any near-zero colour
@@ -79,6 +80,19 @@ def interaction_heatmap(gains: np.ndarray, subtasks: list[str], layers: list[int
     ax.set_title(f"{title}\nprobe gain per layer (black box: selected layer; grey: not swept)", fontsize=10)
     fig.colorbar(image, ax=ax, label="probe gain (knocked out − base)", fraction=0.04, pad=0.02)
     return _save(fig, path)
+
+
+def run_heatmap(run: Run, path: Path, title: str) -> Path:
+    """Tasks x candidate layers, colour = probe gain (diverging, centred on 0), selected layer boxed."""
+    subs = [s for s in run.subtasks if s.interaction_vector]
+    layers = sorted({layer for s in subs for layer in s.interaction_vector})
+    gains = np.full((len(subs), len(layers)), np.nan)
+    selected = []
+    for row, sub in enumerate(subs):
+        for layer, gain in sub.interaction_vector.items():
+            gains[row, layers.index(layer)] = gain
+        selected.append(layers.index(sub.selected_layer) if sub.selected_layer in layers else None)
+    return interaction_heatmap(gains, [s.name for s in subs], layers, selected, title, path)
 
 
 def correlation_dendrogram(result: Clustering, title: str, path: Path) -> Path:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ..rules import SelectionRule, bootstrap_indices
-from ..report_reader import Subtask
+from lmms_talo.method.rules import SelectionRule, bootstrap_indices
+from lmms_talo.outputs.report_reader import Subtask
 
 NONE = "none"
 

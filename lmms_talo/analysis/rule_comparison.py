@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..rules import probe_only_rules
-from ..report_reader import Run
+from lmms_talo.method.rules import probe_only_rules
+from lmms_talo.outputs.report_reader import Run
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..report_reader import Run, Subtask, doc_mean
+from lmms_talo.outputs.report_reader import Run, Subtask, doc_mean
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..report_reader import Run
+from lmms_talo.outputs.report_reader import Run
 
 
 @dataclass

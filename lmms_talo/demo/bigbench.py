@@ -281,6 +281,6 @@ SDIST = "bigbench-1.0.0.tar.gz"
 
 def ensure_archive(cache: Path, say) -> Path:
     """The BIG-bench sdist (358 MB), downloaded once into the cache; it is read, never installed."""
-    from .pypi import fetch
+    from lmms_talo.demo.pypi import fetch
 
     return fetch(SDIST_REQUIREMENT, SDIST, cache / "downloads", say, sdist=True)

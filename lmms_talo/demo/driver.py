@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..report_reader import run_of
-from ..store import default_state_dir
-from . import bigbench, smollm2, summary
+from lmms_talo.outputs.report_reader import run_of
+from lmms_talo.outputs.probe_store import default_state_dir
+from lmms_talo.analysis.figures import run_heatmap
+from lmms_talo.demo import bigbench, smollm2, summary
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def main(
     run = run_of(report, report_path)
     rows = summary.rows_of(run, chances_of(prepared))
     text = summary.table(rows)
-    png = summary.heatmap(run, out / "interaction_heatmap.png", f"TaLo on SmolLM2-135M-Instruct ({harness})")
+    png = run_heatmap(run, out / "interaction_heatmap.png", f"TaLo on SmolLM2-135M-Instruct ({harness})")
     wall = time.perf_counter() - started
     footer = (
         f"base / TaLo: accuracy on the test docs (the probe pool excluded); chance: a uniformly random option; "

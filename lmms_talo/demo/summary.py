@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..report_reader import Run
+from lmms_talo.outputs.report_reader import Run
 
 Z95 = 1.959963984540054
 
@@ -102,21 +102,6 @@ def table(rows: list[TaskRow]) -> str:
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *(fmt(line) for line in lines)])
-
-
-def heatmap(run: Run, path: Path, title: str) -> Path:
-    """Tasks x candidate layers, colour = probe gain (diverging, centred on 0), selected layer boxed."""
-    from ..analysis.figures import interaction_heatmap
-
-    subs = [s for s in run.subtasks if s.interaction_vector]
-    layers = sorted({layer for s in subs for layer in s.interaction_vector})
-    gains = np.full((len(subs), len(layers)), np.nan)
-    selected = []
-    for row, sub in enumerate(subs):
-        for layer, gain in sub.interaction_vector.items():
-            gains[row, layers.index(layer)] = gain
-        selected.append(layers.index(sub.selected_layer) if sub.selected_layer in layers else None)
-    return interaction_heatmap(gains, [s.name for s in subs], layers, selected, title, path)
 
 
 def load_report(path: Path) -> dict:

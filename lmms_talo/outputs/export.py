@@ -1,0 +1,82 @@
+"""Bake a knockout into a standard Hugging Face checkpoint, for serving engines (vLLM, SGLang, ...).
+
+The checkpoint is the weight-level definition of the intervention (`edit_weights_in_place`), whose
+logits the tests prove identical to the hook TaLo sweeps with. Only the interventions with a
+weight fill in the registry (`Intervention.exportable`: zero, uniform, mean) can be exported.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmms_talo.method import interventions
+from lmms_talo.method.interventions import InterventionError, edit_weights_in_place
+from lmms_talo.outputs.report_reader import ReportError, load_run
+
+# Files of a checkpoint folder that describe preprocessing, copied unchanged.
+_PREPROCESSING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+    "chat_template.jinja", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+)
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked."""
+
+
+def load_for_export(pretrained: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """The model with its generation head, by the Auto class that fits its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        if type(config) in auto._model_mapping:
+            return auto.from_pretrained(pretrained, dtype=dtype, trust_remote_code=trust_remote_code)
+    raise ExportError(f"no image-text-to-text or causal-LM class for {type(config).__name__} in transformers")
+
+
+def selection_from_report(report_path: str, task: str) -> tuple[int, str]:
+    """(layer, intervention) that a TaLo run selected for `task` (a task or sub-task name)."""
+    run = load_run(Path(report_path))
+    try:
+        sub = run.subtask(task)
+    except ReportError as exc:
+        raise ExportError(str(exc)) from None
+    if sub.selected_layer is None:
+        raise ExportError(f"{task!r}: TaLo kept the full model ({sub.selection_reason}); nothing to export")
+    return sub.selected_layer, run.intervention
+
+
+@torch.no_grad()
+def export(pretrained: str, layer: int, intervention: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+    if not interventions.intervention(intervention).exportable:
+        raise InterventionError(
+            f"cannot export {intervention!r}: only the weight-defined interventions "
+            f"({', '.join(interventions.names(exportable=True))}) have a checkpoint form"
+        )
+    model = load_for_export(pretrained, dtype, trust_remote_code)
+    edit_weights_in_place(model, layer, intervention)
+    model.config.talo = {"knocked_out_layers": [layer], "intervention": intervention, "source": str(pretrained)}
+    out_dir = Path(out)
+    model.save_pretrained(out_dir)
+    source = Path(pretrained)
+    if source.is_dir():
+        for name in _PREPROCESSING_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, out_dir / name)
+    else:
+        _save_preprocessing_from_hub(pretrained, out_dir, trust_remote_code)
+    return out_dir
+
+
+def _save_preprocessing_from_hub(pretrained: str, out_dir: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    except (OSError, ValueError, TypeError):
+        AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
