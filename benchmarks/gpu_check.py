@@ -47,14 +47,20 @@ def exactness(archs, dtypes, device: str, work: Path) -> list[dict]:
 
     rows = []
     for arch in archs:
-        path = build_tiny(arch, work / "tiny" / arch) if not (work / "tiny" / arch / "config.json").exists() else work / "tiny" / arch
+        path = (
+            build_tiny(arch, work / "tiny" / arch)
+            if not (work / "tiny" / arch / "config.json").exists()
+            else work / "tiny" / arch
+        )
         processor = load_processor(arch, path)
         for name in dtypes:
             dtype = getattr(torch, name)
             started = time.perf_counter()
             model = load_tiny(arch, path).to(device=device, dtype=dtype)
-            inputs = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-                      for k, v in example_inputs(arch, processor, batch=2).items()}
+            inputs = {
+                k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+                for k, v in example_inputs(arch, processor, batch=2).items()
+            }
             failed = []
             for intervention in INTERVENTIONS:
                 edited = copy.deepcopy(model)
@@ -66,9 +72,15 @@ def exactness(archs, dtypes, device: str, work: Path) -> list[dict]:
                 if not torch.equal(_bits(got), _bits(want)):
                     failed.append(intervention)
                 del edited
-            rows.append({"check": "hooks = weight edit", "setting": f"{arch} {name}" + (" (VLM)" if arch in VLM_ARCHITECTURES else ""),
-                         "result": "bit-exact" if not failed else "DIFFERS: " + ",".join(failed),
-                         "seconds": time.perf_counter() - started, "ok": not failed})
+            rows.append(
+                {
+                    "check": "hooks = weight edit",
+                    "setting": f"{arch} {name}" + (" (VLM)" if arch in VLM_ARCHITECTURES else ""),
+                    "result": "bit-exact" if not failed else "DIFFERS: " + ",".join(failed),
+                    "seconds": time.perf_counter() - started,
+                    "ok": not failed,
+                }
+            )
             del model
     return rows
 
@@ -82,20 +94,34 @@ def sweeps(device: str, layers: int, shots: int, modes, work: Path) -> list[dict
     problems = sweep_speed.check(measured)
     rows = []
     for r in measured:
-        rows.append({"check": "sweep mode", "setting": f"{r['mode']} ({r['layers']} layers, {len(r['probe_docs'])} docs, {device})",
-                     "result": f"selected {r['selected']}, {r['exact_passes']} exact passes",
-                     "seconds": r["seconds"], "x_naive": r["seconds"] / naive["seconds"],
-                     "peak_cuda_mb": r.get("peak_cuda_mb"), "peak_rss_mb": r["peak_rss_mb"], "ok": True})
+        rows.append(
+            {
+                "check": "sweep mode",
+                "setting": f"{r['mode']} ({r['layers']} layers, {len(r['probe_docs'])} docs, {device})",
+                "result": f"selected {r['selected']}, {r['exact_passes']} exact passes",
+                "seconds": r["seconds"],
+                "x_naive": r["seconds"] / naive["seconds"],
+                "peak_cuda_mb": r.get("peak_cuda_mb"),
+                "peak_rss_mb": r["peak_rss_mb"],
+                "ok": True,
+            }
+        )
     rows += [{"check": "sweep mode", "setting": "agreement", "result": f"MISMATCH: {p}", "ok": False} for p in problems]
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| check | setting | result | seconds | x naive | peak CUDA MB | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| check | setting | result | seconds | x naive | peak CUDA MB | peak RSS MB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
-        lines.append(f"| {r['check']} | {r['setting']} | {r['result']} | {fmt(r.get('seconds'), '.1f')} | "
-                     f"{fmt(r.get('x_naive'), '.2f')} | {fmt(r.get('peak_cuda_mb'), '.0f')} | {fmt(r.get('peak_rss_mb'), '.0f')} |")
+        lines.append(
+            f"| {r['check']} | {r['setting']} | {r['result']} | {fmt(r.get('seconds'), '.1f')} | "
+            f"{fmt(r.get('x_naive'), '.2f')} | {fmt(r.get('peak_cuda_mb'), '.0f')} | "
+            f"{fmt(r.get('peak_rss_mb'), '.0f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,8 +136,11 @@ def main(argv=None) -> int:
     cpu = args.cpu or not torch.cuda.is_available()
     device = "cpu" if cpu else "cuda"
     args.work.mkdir(parents=True, exist_ok=True)
-    header = (f"lmms-talo gpu_check, {time.strftime('%Y-%m-%d')}, "
-              + ("CPU smoke run" if cpu else f"{torch.cuda.get_device_name(0)}") + f", torch {torch.__version__}")
+    header = (
+        f"lmms-talo gpu_check, {time.strftime('%Y-%m-%d')}, "
+        + ("CPU smoke run" if cpu else f"{torch.cuda.get_device_name(0)}")
+        + f", torch {torch.__version__}"
+    )
     rows = exactness(("llava", "smollm2") if cpu else ARCHITECTURES, ("bfloat16", "float16"), device, args.work)
     rows += sweeps(device, 3 if cpu else 30, 2 if cpu else 8, ("naive", "screen") if cpu else SWEEP_MODES, args.work)
     print(header)

@@ -31,18 +31,37 @@ HERE = Path(__file__).resolve().parent
 def run(work: Path, subtasks: int, docs: int, layers: int, threads: int) -> Path:
     """One lmms-eval process over `subtasks` sub-tasks; returns its TaLo report."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from harness import cli_env, write_image_task
-
     import realistic_vlm
+    from cli_tasks import cli_env, write_image_task
 
     model = realistic_vlm.build(work / f"vlm_{layers}_layers", num_layers=layers)
     categories = [f"category_{i // docs:02d}" for i in range(subtasks * docs)]
-    task = write_image_task(work / "task", "talo_memory", [f"answer {i % 4}" for i in range(subtasks * docs)], categories)
+    task = write_image_task(
+        work / "task", "talo_memory", [f"answer {i % 4}" for i in range(subtasks * docs)], categories
+    )
     report = work / "talo_report.json"
-    args = (f"pretrained={model},device=cpu,device_map=cpu,probe_shots={max(1, docs // 3)},max_redraws=0,"
-            f"category_field=category,compare_base=true,state_dir=none,report={report}")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "talo_llava", "--force_simple", "--model_args", args,
-           "--tasks", "talo_memory", "--include_path", str(task), "--output_path", str(work / "out"), "--batch_size", "1"]
+    args = (
+        f"pretrained={model},device=cpu,device_map=cpu,probe_shots={max(1, docs // 3)},max_redraws=0,"
+        f"category_field=category,compare_base=true,state_dir=none,report={report}"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "talo_llava",
+        "--force_simple",
+        "--model_args",
+        args,
+        "--tasks",
+        "talo_memory",
+        "--include_path",
+        str(task),
+        "--output_path",
+        str(work / "out"),
+        "--batch_size",
+        "1",
+    ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**cli_env(), "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
@@ -63,7 +82,8 @@ def summarize(run: Run) -> str:
     lines += [
         "",
         f"{len(rss)} sub-tasks: resident {rss[0]:.0f} MB after the first, {rss[-1]:.0f} MB after the last; "
-        f"growth over the second half {slope:+.2f} MB per sub-task; peak {max(m['peak_rss_mb'] for m in memory):.0f} MB",
+        f"growth over the second half {slope:+.2f} MB per sub-task; "
+        f"peak {max(m['peak_rss_mb'] for m in memory):.0f} MB",
     ]
     return "\n".join(lines)
 

@@ -15,9 +15,16 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 SMOLLM2_135M = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+    tie_word_embeddings=True,
 )
 IMAGE_SIZE, PATCH = 336, 14
 
@@ -29,31 +36,61 @@ def build(out_dir: Path, seed: int = 0, num_layers: int = SMOLLM2_135M["num_hidd
         return out_dir
     import torch
     from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
-        LlavaForConditionalGeneration, LlavaProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
     )
 
     sys.path.insert(0, str(TESTS))
     from tiny_models import _build_tokenizer, _suppressed_token_ids
 
     tokenizer = _build_tokenizer("llava")
-    text = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": num_layers}, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=768)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=True)
+    text = LlamaConfig(
+        **{**SMOLLM2_135M, "num_hidden_layers": num_layers},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=768,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
-        do_sample=False, num_beams=1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        do_sample=False,
+        num_beams=1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=_suppressed_token_ids(tokenizer) + list(range(len(tokenizer), text.vocab_size)),
     )
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=tokenizer.chat_template,
     )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -123,8 +123,8 @@ def _lmms_eval_setup(spec: dict, mode: str):
 def run_mode(spec: dict, mode: str) -> dict:
     import torch
 
-    from lmms_talo.method.interventions import edit_weights_in_place
     from lmms_talo.harness.scoring import TaskScorer
+    from lmms_talo.method.interventions import edit_weights_in_place
 
     torch.set_num_threads(spec["threads"])
     lm, group, load, base_method_of = _lmms_eval_setup(spec, mode)
@@ -161,19 +161,29 @@ def run_mode(spec: dict, mode: str) -> dict:
     else:
         sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
         result = sweep.run(group.split, layers, spec["intervention"], 0)
-        out.update(selected=result.selected, pruned={str(k): v.after_docs for k, v in result.pruned[0].items()},
-                   doc_scores=result.doc_scores, replay=result.replay, screen=result.screen,
-                   gains={str(k): v for k, v in result.final.gains.items()},
-                   exact_passes=sum(len(v) for k, v in result.doc_scores.items() if k not in ("base", "screen")))
+        out.update(
+            selected=result.selected,
+            pruned={str(k): v.after_docs for k, v in result.pruned[0].items()},
+            doc_scores=result.doc_scores,
+            replay=result.replay,
+            screen=result.screen,
+            gains={str(k): v for k, v in result.final.gains.items()},
+            exact_passes=sum(len(v) for k, v in result.doc_scores.items() if k not in ("base", "screen")),
+        )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     out["seconds"] = time.perf_counter() - started
     if "doc_scores" in out and spec["reqtype"] == "loglikelihood":
         out.update(_smooth_records(lm, group, scorer, sweep, result))
-    out.update(model_calls=counter.model_calls, layer_forwards=counter.layer_forwards, layer_tokens=counter.layer_tokens,
-               vision_calls=counter.vision_calls, num_layers=counter.num_layers,
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
+    out.update(
+        model_calls=counter.model_calls,
+        layer_forwards=counter.layer_forwards,
+        layer_tokens=counter.layer_tokens,
+        vision_calls=counter.vision_calls,
+        num_layers=counter.num_layers,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    )
     return out
 
 
@@ -182,8 +192,16 @@ def _smooth_records(lm, group, scorer, sweep, result) -> dict:
     (the gold option's log-likelihood minus the best wrong one's, from the same answers). Read after
     the timed part."""
     docs = {str(d): d for d in group.docs()}
-    margin = lambda label, d: scorer.margin(group.task.eval_docs[docs[d]], sweep.record(label, docs[d])[1], lm.talo_harness.likelihood_is_loss)
-    return {"doc_margins": {label: {d: margin(label, d) for d in scores} for label, scores in result.doc_scores.items() if label != "screen"}}
+    margin = lambda label, d: scorer.margin(
+        group.task.eval_docs[docs[d]], sweep.record(label, docs[d])[1], lm.talo_harness.likelihood_is_loss
+    )
+    return {
+        "doc_margins": {
+            label: {d: margin(label, d) for d in scores}
+            for label, scores in result.doc_scores.items()
+            if label != "screen"
+        }
+    }
 
 
 # --- the driver ---
@@ -193,16 +211,22 @@ def vlm_spec(work: Path, shots: int, threads: int, device: str = "cpu", layers: 
     """(a): the realistic-shape random LLaVA on a local image task (generate_until, 4 new tokens);
     `layers` decoder layers of the realistic width (benchmarks/gpu_check.sh's CPU smoke run uses few)."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from harness import write_image_task
-
     import realistic_vlm
+    from cli_tasks import write_image_task
 
     model_dir = realistic_vlm.build(work / ("vlm" if layers == 30 else f"vlm{layers}"), num_layers=layers)
     write_image_task(work / "task", "talo_bench_vqa", [f"answer {i % 4}" for i in range(3 * shots)])
     return {
-        "model": "talo_llava", "task": "talo_bench_vqa", "reqtype": "generate_until",
-        "include_path": str(work / "task"), "intervention": "zero", "threads": threads,
-        "model_args": f"pretrained={model_dir},device={device},device_map={device},probe_shots={shots},state_dir=none,max_redraws=0",
+        "model": "talo_llava",
+        "task": "talo_bench_vqa",
+        "reqtype": "generate_until",
+        "include_path": str(work / "task"),
+        "intervention": "zero",
+        "threads": threads,
+        "model_args": (
+            f"pretrained={model_dir},device={device},device_map={device},"
+            f"probe_shots={shots},state_dir=none,max_redraws=0"
+        ),
     }
 
 
@@ -210,19 +234,28 @@ def smollm2_spec(model: Path, task: str, include_path: Path, shots: int, threads
     """(b): the demo's SmolLM2-135M-Instruct on a demo task, through the demo's lmms-eval model
     (talo_huggingface, options scored by likelihood, batch size 8 as the demo runs it)."""
     return {
-        "model": "talo_huggingface", "task": task, "include_path": str(include_path),
-        "reqtype": "generate_until" if "output_type: generate_until" in (include_path / f"{task}.yaml").read_text() else "loglikelihood",
-        "intervention": "zero", "threads": threads,
+        "model": "talo_huggingface",
+        "task": task,
+        "include_path": str(include_path),
+        "reqtype": "generate_until"
+        if "output_type: generate_until" in (include_path / f"{task}.yaml").read_text()
+        else "loglikelihood",
+        "intervention": "zero",
+        "threads": threads,
         "model_args": f"pretrained={model},device=cpu,dtype=float32,chat_template=false,batch_size=8,"
-                      f"probe_shots={shots},state_dir=none,max_redraws=0",
+        f"probe_shots={shots},state_dir=none,max_redraws=0",
     }
 
 
 def measure(spec: dict, modes) -> list[dict]:
     rows = []
     for mode in modes:
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, json.dumps(spec)],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", mode, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])},
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-6000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -249,7 +282,9 @@ def check(rows: list[dict]) -> list[str]:
         if "naive" in by and fast in by and by[fast]["selected"] != by["naive"]["selected"]:
             problems.append(f"{fast} selected layer {by[fast]['selected']}, the naive sweep {by['naive']['selected']}")
     if "authors" in by and "naive" in by:
-        naive = {label: [scores[d] for d in by["naive"]["probe_docs"]] for label, scores in by["naive"]["doc_scores"].items()}
+        naive = {
+            label: [scores[d] for d in by["naive"]["probe_docs"]] for label, scores in by["naive"]["doc_scores"].items()
+        }
         authors = {("base" if k == "None" else k): v for k, v in by["authors"]["scores"].items()}
         if authors != naive:
             problems.append("the reload-per-layer scores differ from the in-memory sweep's")
@@ -258,20 +293,31 @@ def check(rows: list[dict]) -> list[str]:
 
 def table(title: str, rows: list[dict]) -> str:
     plain = next(r for r in rows if r["mode"] == "plain")
-    head = "| mode | wall s | x plain | x naive | model calls | layer forwards | decoder work x plain | vision calls | peak MB | x plain |"
-    lines = [f"**{title}** ({len(plain['probe_docs'])} probe docs, {plain['layers']} candidate layers)", "", head,
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (
+        "| mode | wall s | x plain | x naive | model calls | layer forwards | decoder work x plain "
+        "| vision calls | peak MB | x plain |"
+    )
+    lines = [
+        f"**{title}** ({len(plain['probe_docs'])} probe docs, {plain['layers']} candidate layers)",
+        "",
+        head,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     naive = next((r for r in rows if r["mode"] == "naive"), None)
     for r in rows:
         vs_naive = f"{r['seconds'] / naive['seconds']:.2f}" if naive else "-"
         lines.append(
-            f"| {r['mode']} | {r['seconds']:.1f} | {r['seconds'] / plain['seconds']:.2f} | {vs_naive} | {r['model_calls']} "
-            f"| {r['layer_forwards']} | {r['layer_tokens'] / plain['layer_tokens']:.2f} | {r['vision_calls']} | {r['peak_rss_mb']:.0f} "
-            f"| {r['peak_rss_mb'] / plain['peak_rss_mb']:.2f} |"
+            f"| {r['mode']} | {r['seconds']:.1f} | {r['seconds'] / plain['seconds']:.2f} | {vs_naive} "
+            f"| {r['model_calls']} | {r['layer_forwards']} | {r['layer_tokens'] / plain['layer_tokens']:.2f} "
+            f"| {r['vision_calls']} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / plain['peak_rss_mb']:.2f} |"
         )
     select = next((r for r in rows if r["mode"] == "select"), None)
     if select and select["pruned"]:
-        lines += ["", "select pruned (layer: after docs): " + ", ".join(f"{k}: {v}" for k, v in sorted(select["pruned"].items(), key=lambda kv: int(kv[0])))]
+        lines += [
+            "",
+            "select pruned (layer: after docs): "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(select["pruned"].items(), key=lambda kv: int(kv[0]))),
+        ]
     return "\n".join(lines)
 
 
@@ -298,8 +344,10 @@ def _top_curve(ref: dict, ranked: list[str]) -> dict[int, int | None]:
     probe = ref["probe_docs"]
     scores = ref["doc_scores"]
     base = {d: scores["base"][d] for d in probe}
-    return {n: decide_round(probe, base, {int(l): {d: scores[l][d] for d in probe} for l in ranked[:n]}, 0.0).selected
-            for n in range(1, len(ranked) + 1)}
+    return {
+        n: decide_round(probe, base, {int(l): {d: scores[l][d] for d in probe} for l in ranked[:n]}, 0.0).selected
+        for n in range(1, len(ranked) + 1)
+    }
 
 
 def _smooth_diagnostics(ref: dict, screen: dict, layers: list[str]) -> dict | None:
@@ -316,8 +364,12 @@ def _smooth_diagnostics(ref: dict, screen: dict, layers: list[str]) -> dict | No
     probe, margins = ref["probe_docs"], ref["doc_margins"]
     estimates = screen["screen"][0]["estimates"]
     exact = {l: sum(margins[l][d] - margins["base"][d] for d in probe) for l in layers}
-    return {"pairs": [(estimates[l], exact[l]) for l in layers], "spearman": spearman([estimates[l] for l in layers], [exact[l] for l in layers]),
-            "summed_curve": _top_curve(ref, _ranked(estimates)), "oracle_curve": _top_curve(ref, _ranked(exact))}
+    return {
+        "pairs": [(estimates[l], exact[l]) for l in layers],
+        "spearman": spearman([estimates[l] for l in layers], [exact[l] for l in layers]),
+        "summed_curve": _top_curve(ref, _ranked(estimates)),
+        "oracle_curve": _top_curve(ref, _ranked(exact)),
+    }
 
 
 def figures(model: str, per_task: list[dict]) -> dict:
@@ -332,8 +384,13 @@ def figures(model: str, per_task: list[dict]) -> dict:
     modes = {}
     for name in names:
         rows = [t[name] for t in by_task if name in t]
-        modes[name] = {"seconds": sum(r["seconds"] for r in rows), "tasks": len(rows), "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
-                       "ratio_vs_naive": _ratio(by_task, name, "naive"), "ratio_vs_full": _ratio(by_task, name, "full")}
+        modes[name] = {
+            "seconds": sum(r["seconds"] for r in rows),
+            "tasks": len(rows),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "ratio_vs_naive": _ratio(by_task, name, "naive"),
+            "ratio_vs_full": _ratio(by_task, name, "full"),
+        }
         if all("exact_passes" in r for r in rows):
             modes[name]["exact_passes"] = sum(r["exact_passes"] for r in rows)
     for name in [n for n in names if n.startswith("screen")]:
@@ -345,11 +402,21 @@ def figures(model: str, per_task: list[dict]) -> dict:
             screen = t[name]
             same.append(ref["selected"] == screen["selected"])
             gains = ref["gains"]
-            equal.append(_gain_of(gains, screen["selected"]) == _gain_of(gains, ref["selected"]))  # the same layer, or one as good on the probe
+            equal.append(
+                _gain_of(gains, screen["selected"]) == _gain_of(gains, ref["selected"])
+            )  # the same layer, or one as good on the probe
             if not same[-1]:
-                differences.append({"task": task["task"], "full_selected": ref["selected"], "screen_selected": screen["selected"],
-                                    "full_gain_of_screen_layer": gains.get(str(screen["selected"]), 0.0) if screen["selected"] is not None else 0.0,
-                                    "best_gain": max(gains.values(), default=0.0)})
+                differences.append(
+                    {
+                        "task": task["task"],
+                        "full_selected": ref["selected"],
+                        "screen_selected": screen["selected"],
+                        "full_gain_of_screen_layer": gains.get(str(screen["selected"]), 0.0)
+                        if screen["selected"] is not None
+                        else 0.0,
+                        "best_gain": max(gains.values(), default=0.0),
+                    }
+                )
             if screen["screen"] and gains:
                 entry = screen["screen"][0]
                 # the screen's estimated gains: predicted probe-score gains (runs before them: summed estimates)
@@ -357,15 +424,25 @@ def figures(model: str, per_task: list[dict]) -> dict:
                 layers = sorted(gains, key=int)
                 xs += [estimated[l] for l in layers]
                 ys += [gains[l] for l in layers]
-                per.append({"task": task["task"], "spearman": spearman([estimated[l] for l in layers], [gains[l] for l in layers])})
+                per.append(
+                    {
+                        "task": task["task"],
+                        "spearman": spearman([estimated[l] for l in layers], [gains[l] for l in layers]),
+                    }
+                )
                 curves.append((ref["selected"], _top_curve(ref, _ranked(estimated, entry["estimates"]))))
                 smooth.append(_smooth_diagnostics(ref, screen, layers))
         tops = sorted({n for _, curve in curves for n in curve})
-        by_top = lambda cs: {n: (sum(curve[n] == sel for sel, curve in cs) + len(same) - len(cs)) / len(same) for n in tops}
+        # called only below, in this same iteration: bind this mode's `same` and `tops`
+        by_top = lambda cs, same=same, tops=tops: {
+            n: (sum(curve[n] == sel for sel, curve in cs) + len(same) - len(cs)) / len(same) for n in tops
+        }
         modes[name].update(
             same_layer_fraction=sum(same) / len(same) if same else None,
-            equal_gain_fraction=sum(equal) / len(equal) if equal else None, differences=differences,
-            spearman=spearman(xs, ys), spearman_per_task=per,
+            equal_gain_fraction=sum(equal) / len(equal) if equal else None,
+            differences=differences,
+            spearman=spearman(xs, ys),
+            spearman_per_task=per,
             same_layer_fraction_by_screen_top=by_top(curves),
         )
         smooth = [d for d in smooth if d is not None]
@@ -373,9 +450,15 @@ def figures(model: str, per_task: list[dict]) -> dict:
             pairs = [p for d in smooth for p in d["pairs"]]
             modes[name].update(
                 spearman_vs_exact_margin=spearman([x for x, _ in pairs], [y for _, y in pairs]),
-                spearman_vs_exact_margin_per_task=[{"task": t["task"], "spearman": d["spearman"]} for t, d in zip(per_task, smooth)],
-                same_layer_fraction_by_screen_top_ranked_by_summed_estimate=by_top([(c[0], d["summed_curve"]) for c, d in zip(curves, smooth)]),
-                same_layer_fraction_by_screen_top_ranked_by_exact_margin=by_top([(c[0], d["oracle_curve"]) for c, d in zip(curves, smooth)]),
+                spearman_vs_exact_margin_per_task=[
+                    {"task": t["task"], "spearman": d["spearman"]} for t, d in zip(per_task, smooth)
+                ],
+                same_layer_fraction_by_screen_top_ranked_by_summed_estimate=by_top(
+                    [(c[0], d["summed_curve"]) for c, d in zip(curves, smooth)]
+                ),
+                same_layer_fraction_by_screen_top_ranked_by_exact_margin=by_top(
+                    [(c[0], d["oracle_curve"]) for c, d in zip(curves, smooth)]
+                ),
             )
     return {"model": model, "tasks": [t["task"] for t in per_task], "modes": modes, "per_task": per_task}
 
@@ -390,14 +473,24 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="(a) cpu or cuda")
     parser.add_argument("--vlm-layers", type=int, default=30, help="(a) decoder layers of the realistic VLM")
     cache = Path(os.environ.get("LMMS_TALO_CACHE", Path.home() / ".cache" / "lmms_talo"))
-    parser.add_argument("--model", type=Path, default=cache / "models" / "SmolLM2-135M-Instruct",
-                        help="(b) the converted model folder (lmms-talo demo builds it)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=cache / "models" / "SmolLM2-135M-Instruct",
+        help="(b) the converted model folder (lmms-talo demo builds it)",
+    )
     parser.add_argument("--task", default="bb_general_knowledge", help="(b) the demo task")
     parser.add_argument("--tasks", help="(b) several demo tasks, comma-separated (overrides --task)")
-    parser.add_argument("--include-path", type=Path, default=cache / "bigbench" / "tasks" / "lmms",
-                        help="(b) the folder holding the demo tasks' lmms-eval YAML")
+    parser.add_argument(
+        "--include-path",
+        type=Path,
+        default=cache / "bigbench" / "tasks" / "lmms",
+        help="(b) the folder holding the demo tasks' lmms-eval YAML",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
-    parser.add_argument("--merge", type=Path, nargs="+", help="recompute the --json figures from these --json files' tasks (no run)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="recompute the --json figures from these --json files' tasks (no run)"
+    )
     args = parser.parse_args(argv)
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
@@ -411,14 +504,26 @@ def main(argv=None) -> int:
     if "plain" not in modes:
         modes.insert(0, "plain")
     if args.case == "vlm":
-        cases = [(vlm_spec(args.work, args.shots, args.threads, args.device, args.vlm_layers),
-                  f"(a) random SmolLM2-135M-shaped LLaVA ({args.vlm_layers} layers), 576 image tokens, {args.device}")]
+        cases = [
+            (
+                vlm_spec(args.work, args.shots, args.threads, args.device, args.vlm_layers),
+                f"(a) random SmolLM2-135M-shaped LLaVA ({args.vlm_layers} layers), 576 image tokens, {args.device}",
+            )
+        ]
     else:
         tasks = args.tasks.split(",") if args.tasks else [args.task]
         missing = [t for t in tasks if not (args.include_path / f"{t}.yaml").exists()]
         if not (args.model / "config.json").exists() or missing:
-            parser.error(f"no model at {args.model} or no task {missing} in {args.include_path}: run `lmms-talo demo` first")
-        cases = [(smollm2_spec(args.model, t, args.include_path, args.shots, args.threads), f"(b) SmolLM2-135M-Instruct, {t}") for t in tasks]
+            parser.error(
+                f"no model at {args.model} or no task {missing} in {args.include_path}: run `lmms-talo demo` first"
+            )
+        cases = [
+            (
+                smollm2_spec(args.model, t, args.include_path, args.shots, args.threads),
+                f"(b) SmolLM2-135M-Instruct, {t}",
+            )
+            for t in tasks
+        ]
     per_task, problems = [], []
     for spec, title in cases:
         rows = measure(spec, modes)
@@ -426,7 +531,13 @@ def main(argv=None) -> int:
         print(table(title, rows), flush=True)
         problems += [f"{spec['task']}: {p}" for p in check(rows)]
         if args.json:
-            args.json.write_text(json.dumps(figures(Path(spec["model_args"].split(",")[0].split("=", 1)[1]).name, per_task), indent=1, default=str))
+            args.json.write_text(
+                json.dumps(
+                    figures(Path(spec["model_args"].split(",")[0].split("=", 1)[1]).name, per_task),
+                    indent=1,
+                    default=str,
+                )
+            )
     for problem in problems:
         print(f"MISMATCH: {problem}")
     return 1 if problems else 0

@@ -29,32 +29,39 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
-
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from lmms_talo.method.config import TaloConfig
 from lmms_talo.demo import driver
 from lmms_talo.demo.bigbench import mentioned_options
 from lmms_talo.demo.driver import DemoTask
+from lmms_talo.method.config import TaloConfig
 from lmms_talo.method.probe_split import ProbeSplit
-from lmms_talo.outputs.report_reader import run_of
-from lmms_talo.method.rules import paired_flip_p
 from lmms_talo.method.selection import select_knockout
-from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.statistics import paired_flip_p
 from lmms_talo.method.sweep import LayerSweep
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.outputs.report_reader import run_of
 
 SHOTS = 8
 LIMIT = 72  # docs per task: pool 24 (round 0: 8, at least 16 left to confirm on), 48 test docs
 LAYERS = tuple(range(1, 30, 2))  # the candidate layers: every other decoder layer, for the time budget
 TASKS = (
-    "general_knowledge", "similarities_abstraction", "arithmetic/1_digit_multiplication",
-    "arithmetic/1_digit_subtraction", "movie_recommendation", "human_organs_senses",
-    "swahili_english_proverbs", "social_iqa", "hindu_knowledge", "odd_one_out",
-    "arithmetic/1_digit_addition:generate", "arithmetic/1_digit_multiplication:generate",
+    "general_knowledge",
+    "similarities_abstraction",
+    "arithmetic/1_digit_multiplication",
+    "arithmetic/1_digit_subtraction",
+    "movie_recommendation",
+    "human_organs_senses",
+    "swahili_english_proverbs",
+    "social_iqa",
+    "hindu_knowledge",
+    "odd_one_out",
+    "arithmetic/1_digit_addition:generate",
+    "arithmetic/1_digit_multiplication:generate",
 )
 
 
@@ -80,8 +87,15 @@ def sweep_commands(prepared, shares, state_dir: Path, runs: Path, stage: str, ex
     for i, share in enumerate(shares):
         report = runs / f"{stage}_{i}.json"
         command = driver.harness_command(
-            "lmms-eval", prepared.model, prepared.tasks_dir, [t.name for t in share], runs / f"{stage}_{i}",
-            4 * SHOTS, 1, state_dir, report,
+            "lmms-eval",
+            prepared.model,
+            prepared.tasks_dir,
+            [t.name for t in share],
+            runs / f"{stage}_{i}",
+            4 * SHOTS,
+            1,
+            state_dir,
+            report,
         )
         commands.append(_with_args(command, extra(share)))
         logs.append(runs / f"{stage}_{i}.log")
@@ -105,8 +119,11 @@ def sweep_stage(args, prepared, state_dir: Path, runs: Path, say) -> dict:
     shares = driver.split_tasks(prepared.converted, args.jobs)
     started = time.perf_counter()
     layers = ";".join(map(str, LAYERS))
-    parts = run_stage(*sweep_commands(prepared, shares, state_dir, runs, "sweep", lambda s: f"threshold=1.0,layers={layers}"),
-                      state_dir, say)
+    parts = run_stage(
+        *sweep_commands(prepared, shares, state_dir, runs, "sweep", lambda s: f"threshold=1.0,layers={layers}"),
+        state_dir,
+        say,
+    )
     say(f"  sweep stage: {time.perf_counter() - started:.0f} s")
     return {g["task"]: g for part in parts for g in part["subtasks"]}
 
@@ -207,8 +224,13 @@ def decide(stored: StoredTask, variant: str, gold: dict[int, int]):
 
     def make_sweep():
         statistic = (lambda d, r: stored.margin(d, r, gold[d])) if config.select_stat == "margin" else None
-        return LayerSweep(answer, lambda d, r: stored.score(d, r, gold[d]), ProbeStore(None, {}),
-                          rule=config.selection_rule(), statistic=statistic)
+        return LayerSweep(
+            answer,
+            lambda d, r: stored.score(d, r, gold[d]),
+            ProbeStore(None, {}),
+            rule=config.selection_rule(),
+            statistic=statistic,
+        )
 
     return select_knockout(split, config, LAYERS, make_sweep)
 
@@ -225,7 +247,9 @@ def decide_all(stored: dict[str, StoredTask]) -> dict:
                 "layers": list(selection.layers),
                 "probe_gain": selection.sweep.final.gains.get(selection.sweep.selected) if selection.sweep else None,
                 "reason": selection.confirmation.reason if selection.confirmation else selection.sweep.final.reason,
-                "holm_p": selection.sweep.final.holm.get(selection.sweep.final.tied_layers[0]) if selection.sweep.final.holm else None,
+                "holm_p": selection.sweep.final.holm.get(selection.sweep.final.tied_layers[0])
+                if selection.sweep.final.holm
+                else None,
                 "control_selected": sum(bool(layers) for layers in control),
                 "control_draws": PERMUTATIONS,
             }
@@ -234,9 +258,12 @@ def decide_all(stored: dict[str, StoredTask]) -> dict:
 
 # ---- stage 3: the test docs of every selected layer ----
 
+
 def test_stage(args, prepared, state_dir: Path, runs: Path, decisions: dict, say) -> dict:
     """task -> layer label -> {doc: score} on the test docs (and "base")."""
-    chosen = {name: sorted({tuple(d["layers"]) for d in rules.values() if d["layers"]}) for name, rules in decisions.items()}
+    chosen = {
+        name: sorted({tuple(d["layers"]) for d in rules.values() if d["layers"]}) for name, rules in decisions.items()
+    }
     todo = [t for t in prepared.converted if chosen.get(t.name)]
     if not todo:
         return {}
@@ -265,8 +292,12 @@ def paired_summary(base: dict, knocked: dict, pool: set) -> dict:
     diff = np.array([knocked[d] - base[d] for d in docs], dtype=float)
     half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
     worse_p = paired_flip_p([knocked[d] for d in docs], [base[d] for d in docs], 0, "validity")
-    return {"n": len(docs), "difference": float(diff.mean()), "ci95": [float(diff.mean() - half), float(diff.mean() + half)],
-            "worse_p": worse_p}
+    return {
+        "n": len(docs),
+        "difference": float(diff.mean()),
+        "ci95": [float(diff.mean() - half), float(diff.mean() + half)],
+        "worse_p": worse_p,
+    }
 
 
 def summarise(decisions: dict, tests: dict, stored: dict) -> dict:
@@ -282,33 +313,55 @@ def summarise(decisions: dict, tests: dict, stored: dict) -> dict:
                 summary = paired_summary(tests[name]["base"], tests[name][label], set(stored[name].pool))
                 d["test"] = summary
                 applied.append(summary["difference"])
-        negative = [d["test"] for r in decisions.values() if (d := r[variant]).get("test") and d["test"]["difference"] < 0]
+        negative = [
+            d["test"] for r in decisions.values() if (d := r[variant]).get("test") and d["test"]["difference"] < 0
+        ]
         mean = float(np.mean(applied)) if applied else None
         half = 1.96 * float(np.std(applied, ddof=1)) / math.sqrt(len(applied)) if len(applied) > 1 else None
         rows[variant] = {
-            "tasks": len(decisions), "applied": len(applied), "mean_test_difference": mean,
+            "tasks": len(decisions),
+            "applied": len(applied),
+            "mean_test_difference": mean,
             "ci95_over_tasks": None if half is None else [mean - half, mean + half],
-            "negative": len(negative), "significantly_negative": sum(t["worse_p"] < 0.05 for t in negative),
-            "control_selection_rate": control / draws, "control_draws": draws,
+            "negative": len(negative),
+            "significantly_negative": sum(t["worse_p"] < 0.05 for t in negative),
+            "control_selection_rate": control / draws,
+            "control_draws": draws,
         }
     return rows
 
 
-GOALS = ("confirm: no significantly harmful knockout (one-sided paired test on the test docs, p < 0.05) over the "
-         "study's tasks, and a selection rate under the permuted-label control of at most 10%. gain (the paper's "
-         "rule) and the others: as measured.")
+GOALS = (
+    "confirm: no significantly harmful knockout (one-sided paired test on the test docs, p < 0.05) over the "
+    "study's tasks, and a selection rate under the permuted-label control of at most 10%. gain (the paper's "
+    "rule) and the others: as measured."
+)
 
 
 def markdown(rows: dict, decisions: dict, header: str) -> str:
-    lines = [header, "", "| rule | tasks | knockout applied | mean test diff (95% CI over tasks) | negative | significantly negative | control selection rate |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| rule | tasks | knockout applied | mean test diff (95% CI over tasks) | negative "
+        "| significantly negative | control selection rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant, r in rows.items():
-        ci = "" if r["ci95_over_tasks"] is None else f" ({r['ci95_over_tasks'][0]:+.3f}, {r['ci95_over_tasks'][1]:+.3f})"
+        ci = (
+            "" if r["ci95_over_tasks"] is None else f" ({r['ci95_over_tasks'][0]:+.3f}, {r['ci95_over_tasks'][1]:+.3f})"
+        )
         diff = "-" if r["mean_test_difference"] is None else f"{r['mean_test_difference']:+.3f}{ci}"
-        lines.append(f"| {variant} | {r['tasks']} | {r['applied']} | {diff} | {r['negative']} | {r['significantly_negative']} | "
-                     f"{r['control_selection_rate']:.1%} ({r['control_draws']} draws) |")
-    lines += ["", "Per task (layer, test difference [95% CI over test docs], one-sided p that it is worse):", "",
-              "| task | " + " | ".join(RULE_VARIANTS) + " |", "|---|" + "---|" * len(RULE_VARIANTS)]
+        lines.append(
+            f"| {variant} | {r['tasks']} | {r['applied']} | {diff} | {r['negative']} | {r['significantly_negative']} | "
+            f"{r['control_selection_rate']:.1%} ({r['control_draws']} draws) |"
+        )
+    lines += [
+        "",
+        "Per task (layer, test difference [95% CI over test docs], one-sided p that it is worse):",
+        "",
+        "| task | " + " | ".join(RULE_VARIANTS) + " |",
+        "|---|" + "---|" * len(RULE_VARIANTS),
+    ]
     for name, rules in decisions.items():
         cells = []
         for variant in RULE_VARIANTS:
@@ -317,7 +370,10 @@ def markdown(rows: dict, decisions: dict, header: str) -> str:
                 cells.append("-")
                 continue
             t = d["test"]
-            cells.append(f"L{'+'.join(map(str, d['layers']))} {t['difference']:+.3f} [{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] p={t['worse_p']:.2g}")
+            cells.append(
+                f"L{'+'.join(map(str, d['layers']))} {t['difference']:+.3f} "
+                f"[{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] p={t['worse_p']:.2g}"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Goals: " + GOALS]
     return "\n".join(lines)
@@ -326,10 +382,16 @@ def markdown(rows: dict, decisions: dict, header: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("validity_out"))
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="NAME[:STYLE[:LIMIT]] (default limit %d)" % LIMIT)
+    parser.add_argument(
+        "--tasks", nargs="*", default=list(TASKS), help=f"NAME[:STYLE[:LIMIT]] (default limit {LIMIT:d})"
+    )
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--stage", choices=("sweep", "decide", "all"), default="all",
-                        help="sweep: stage 1 only; decide: from stage 1's saved groups on; all: both")
+    parser.add_argument(
+        "--stage",
+        choices=("sweep", "decide", "all"),
+        default="all",
+        help="sweep: stage 1 only; decide: from stage 1's saved groups on; all: both",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     out = args.out.resolve()
@@ -350,14 +412,21 @@ def main(argv=None) -> int:
     stored = {name: load_stored(group, prepared.converted, state_dir) for name, group in groups.items()}
     decided_at = time.perf_counter()
     decisions = decide_all(stored)
-    print(f"decisions (5 rules x (1 + {PERMUTATIONS} permutations) x {len(stored)} tasks, offline): "
-          f"{time.perf_counter() - decided_at:.0f} s")
+    print(
+        f"decisions (5 rules x (1 + {PERMUTATIONS} permutations) x {len(stored)} tasks, offline): "
+        f"{time.perf_counter() - decided_at:.0f} s"
+    )
     tests = test_stage(args, prepared, state_dir, runs, decisions, print)
     rows = summarise(decisions, tests, stored)
     wall = time.perf_counter() - started
-    header = (f"TaLo validity study, {time.strftime('%Y-%m-%d')}: SmolLM2-135M-Instruct, {len(stored)} BIG-bench tasks "
-              f"(<= {LIMIT} docs each), k = {SHOTS}, zeroed self-attention, candidate layers {LAYERS[0]}-{LAYERS[-1]} step 2; wall time {wall / 60:.1f} min")
-    (out / "validity.json").write_text(json.dumps({"header": header, "goals": GOALS, "rules": rows, "tasks": decisions}, indent=2))
+    header = (
+        f"TaLo validity study, {time.strftime('%Y-%m-%d')}: SmolLM2-135M-Instruct, {len(stored)} BIG-bench tasks "
+        f"(<= {LIMIT} docs each), k = {SHOTS}, zeroed self-attention, "
+        f"candidate layers {LAYERS[0]}-{LAYERS[-1]} step 2; wall time {wall / 60:.1f} min"
+    )
+    (out / "validity.json").write_text(
+        json.dumps({"header": header, "goals": GOALS, "rules": rows, "tasks": decisions}, indent=2)
+    )
     text = markdown(rows, decisions, header)
     (out / "validity.md").write_text(text + "\n")
     print(text)

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     modules = _command_modules()
     if argv and argv[0] in modules and getattr(modules[argv[0]], "PASSTHROUGH", False):
         return modules[argv[0]].run(argv[1:])
-    parser = argparse.ArgumentParser(prog="lmms-talo", description="TaLo: task-adaptive layer knockout for lmms-eval and lm-eval")
+    parser = argparse.ArgumentParser(
+        prog="lmms-talo", description="TaLo: task-adaptive layer knockout for lmms-eval and lm-eval"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in sorted(modules.items()):
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)

@@ -13,7 +13,9 @@ import sys
 log = logging.getLogger("lmms_talo")
 if not log.handlers:
     _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-8s | lmms_talo - %(message)s", "%Y-%m-%d %H:%M:%S"))
+    _handler.setFormatter(
+        logging.Formatter("%(asctime)s | %(levelname)-8s | lmms_talo - %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
     log.propagate = False

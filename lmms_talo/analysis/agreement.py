@@ -43,7 +43,8 @@ def _gain_on(records: dict, label: str, docs: list[str]) -> float:
 def intervention_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
     """Runs on the same model and probe split that differ in their intervention."""
     return [
-        (a, b) for a, b in combinations(runs, 2)
+        (a, b)
+        for a, b in combinations(runs, 2)
         if a.split_identity() == b.split_identity() and a.config.get("intervention") != b.config.get("intervention")
     ]
 

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lmms_talo.method.rules import probe_only_rules
 from lmms_talo.analysis import figures
 from lmms_talo.analysis.agreement import between_runs, intervention_pairs, probe_vs_test
 from lmms_talo.analysis.clustering import bootstrap_stability, cluster
 from lmms_talo.analysis.document import Document
 from lmms_talo.analysis.robustness import selection_distribution
 from lmms_talo.analysis.rule_comparison import rule_choices, summarize
-from lmms_talo.outputs.report_reader import Run, doc_mean, label_of, load_runs
 from lmms_talo.analysis.tables import paper_table
 from lmms_talo.analysis.transfer import transfer_matrix
+from lmms_talo.method.rules import probe_only_rules
+from lmms_talo.outputs.report_reader import Run, doc_mean, label_of, load_runs
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,33 @@ class AnalysisBuilder:
             base = [s.test_score("base") for s in subs]
             talo = [doc_mean(s.data.get("test", {}).get("talo")) for s in subs]
             difference = None if missing(mean_of(base)) or missing(mean_of(talo)) else mean_of(talo) - mean_of(base)
-            rows.append([
-                run.key, run.label, str(run.path), str(len(subs)),
-                str(sum(1 for s in subs if s.selected_label != "base")),
-                pct(mean_of(base)), pct(mean_of(talo)), pp(difference),
-                str(sum(s.sweep_passes() for s in subs)),
-            ])
-        self.doc.table(["run", "model · intervention · shots", "report", "sub-tasks", "knocked out",
-                        "base (mean)", "TaLo (mean)", "Δ pp", "sweep passes"], rows)
+            rows.append(
+                [
+                    run.key,
+                    run.label,
+                    str(run.path),
+                    str(len(subs)),
+                    str(sum(1 for s in subs if s.selected_label != "base")),
+                    pct(mean_of(base)),
+                    pct(mean_of(talo)),
+                    pp(difference),
+                    str(sum(s.sweep_passes() for s in subs)),
+                ]
+            )
+        self.doc.table(
+            [
+                "run",
+                "model · intervention · shots",
+                "report",
+                "sub-tasks",
+                "knocked out",
+                "base (mean)",
+                "TaLo (mean)",
+                "Δ pp",
+                "sweep passes",
+            ],
+            rows,
+        )
 
     def results(self, run: Run) -> None:
         self.doc.heading("Results on the test docs", 3)
@@ -114,7 +133,9 @@ class AnalysisBuilder:
             numbers.append(asdict(row) | {"difference": row.difference})
         self.doc.table(["sub-task", "test docs", "base %", "TaLo %", "Δ pp", "layer(s)"], rows)
         if any(s.test_score("base") is None for s in run.subtasks):
-            self.doc.paragraph("Base scores missing: run TaLo with `compare_base=true` to score the full model on the test docs.")
+            self.doc.paragraph(
+                "Base scores missing: run TaLo with `compare_base=true` to score the full model on the test docs."
+            )
         self.numbers["runs"][run.key]["table"] = numbers
 
     def heatmap(self, run: Run) -> None:
@@ -133,7 +154,12 @@ class AnalysisBuilder:
             f"{run.key}_interaction_heatmap",
             f"Probe gain of the {run.config.get('intervention', 'zero')} knockout of each layer ({run.label}); "
             "black box: the selected layer.",
-            figures.interaction_heatmap, gains, [s.name for s in run.subtasks], layers, selected, run.label,
+            figures.interaction_heatmap,
+            gains,
+            [s.name for s in run.subtasks],
+            layers,
+            selected,
+            run.label,
         )
         unswept = [s.name for s in run.subtasks if not s.swept]
         text = f"Recomputed from the per-doc probe records: largest difference from the stored vectors {drift:.1e}."
@@ -141,7 +167,8 @@ class AnalysisBuilder:
             text += f" Not swept (baseline already perfect on the probe set): {', '.join(unswept)}."
         self.doc.paragraph(text)
         self.numbers["runs"][run.key]["interaction_vectors"] = {
-            s.name: {str(l): g for l, g in zip(layers, gains[i]) if not missing(float(g))} for i, s in enumerate(run.subtasks)
+            s.name: {str(l): g for l, g in zip(layers, gains[i]) if not missing(float(g))}
+            for i, s in enumerate(run.subtasks)
         }
 
     def _clusterable(self, run: Run) -> list:
@@ -163,11 +190,21 @@ class AnalysisBuilder:
         differences = [s.differences() for s in subs]
         result = cluster([s.name for s in subs], np.stack([d.mean(axis=1) for d in differences]), count)
         stability = bootstrap_stability(differences, result, self.options.resamples, self.options.seed)
-        self.figure(f"{run.key}_correlation",
-                    f"Pearson correlation between interaction vectors, dendrogram-ordered, {count} clusters ({run.label}).",
-                    figures.correlation_dendrogram, result, run.label)
-        self.figure(f"{run.key}_cluster_stability", "Cluster stability over bootstrap resamples of each sub-task's probe docs.",
-                    figures.cluster_stability, result, stability, run.label)
+        self.figure(
+            f"{run.key}_correlation",
+            f"Pearson correlation between interaction vectors, dendrogram-ordered, {count} clusters ({run.label}).",
+            figures.correlation_dendrogram,
+            result,
+            run.label,
+        )
+        self.figure(
+            f"{run.key}_cluster_stability",
+            "Cluster stability over bootstrap resamples of each sub-task's probe docs.",
+            figures.cluster_stability,
+            result,
+            stability,
+            run.label,
+        )
         summary = stability.summary()
         rows = []
         for label, members in result.members().items():
@@ -184,7 +221,9 @@ class AnalysisBuilder:
             + (f" Left out (constant vector or not swept): {', '.join(left_out)}." if left_out else "")
         )
         self.numbers["runs"][run.key]["clusters"] = {
-            "count": count, "members": {f"c{k}": v for k, v in result.members().items()}, "ari": summary,
+            "count": count,
+            "members": {f"c{k}": v for k, v in result.members().items()},
+            "ari": summary,
             "correlation": {a: dict(zip(result.names, map(float, result.corr[i]))) for i, a in enumerate(result.names)},
         }
 
@@ -195,26 +234,40 @@ class AnalysisBuilder:
             self.doc.paragraph("No sub-task was swept.")
             return
         resamples = self.options.resamples
-        by_rule = {name: [selection_distribution(s, run.rule(name), resamples, self.options.seed) for s in subs]
-                   for name in probe_only_rules()}
+        by_rule = {
+            name: [selection_distribution(s, run.rule(name), resamples, self.options.seed) for s in subs]
+            for name in probe_only_rules()
+        }
         own = run.probe_rule_name
         layers = sorted({l for s in subs for l in s.layers})
         self.figure(
             f"{run.key}_selection_robustness",
-            f"How often each layer wins when the probe docs are resampled ({own} rule); red box: the choice on the actual probe docs.",
-            figures.selection_robustness, by_rule[own], layers,
+            f"How often each layer wins when the probe docs are resampled ({own} rule); "
+            "red box: the choice on the actual probe docs.",
+            figures.selection_robustness,
+            by_rule[own],
+            layers,
             f"{run.label}\nlayer chosen by the {own} rule on {resamples} bootstrap resamples of the probe docs",
         )
-        rows = [[s.name] + [f"{d.chosen} ({d.win_rate:.0%})" for d in (by_rule[n][i] for n in probe_only_rules())]
-                for i, s in enumerate(subs)]
+        rows = [
+            [s.name] + [f"{d.chosen} ({d.win_rate:.0%})" for d in (by_rule[n][i] for n in probe_only_rules())]
+            for i, s in enumerate(subs)
+        ]
         self.doc.table(["sub-task"] + [f"{n}: choice (resamples agreeing)" for n in probe_only_rules()], rows)
         self.doc.paragraph(
             "Each rule's choice on the final probe set, and the share of bootstrap resamples of those probe docs on "
             "which the same rule makes the same choice ('none' keeps the full model)."
         )
         self.numbers["runs"][run.key]["robustness"] = {
-            n: {d.subtask: {"chosen": d.chosen, "win_rate": d.win_rate, "counts": {str(k): v for k, v in d.counts.items()}}
-                for d in by_rule[n]} for n in probe_only_rules()
+            n: {
+                d.subtask: {
+                    "chosen": d.chosen,
+                    "win_rate": d.win_rate,
+                    "counts": {str(k): v for k, v in d.counts.items()},
+                }
+                for d in by_rule[n]
+            }
+            for n in probe_only_rules()
         }
 
     def multi_layer(self, run: Run) -> None:
@@ -226,43 +279,84 @@ class AnalysisBuilder:
         for sub in subs:
             for stage in sub.data["layer_stages"]:
                 best = stage["tied_layers"][0] if stage["tied_layers"] else None
-                rows.append([
-                    sub.name, label_of(stage["base_layers"]), num(stage["reference_score"]),
-                    "-" if best is None else label_of(stage["base_layers"] + [best]),
-                    "-" if best is None else num(stage["layer_scores"][str(best)]),
-                    "-" if best is None else pp(stage["gains"][str(best)]),
-                    "yes" if stage["selected"] is not None else "no",
-                    str(stage["passes"]), str(sub.sweep_passes()), sub.selected_label,
-                ])
-        self.doc.table(["sub-task", "layers", "probe score", "best addition", "probe score", "gain pp", "kept",
-                        "passes (this step)", "passes (single-layer sweep)", "final knockout"], rows)
-        self.doc.paragraph("A step adds the best further layer when it beats the layers already chosen by more than the "
-                           "threshold under the run's selection rule; each pass is one variant over the probe docs.")
+                rows.append(
+                    [
+                        sub.name,
+                        label_of(stage["base_layers"]),
+                        num(stage["reference_score"]),
+                        "-" if best is None else label_of(stage["base_layers"] + [best]),
+                        "-" if best is None else num(stage["layer_scores"][str(best)]),
+                        "-" if best is None else pp(stage["gains"][str(best)]),
+                        "yes" if stage["selected"] is not None else "no",
+                        str(stage["passes"]),
+                        str(sub.sweep_passes()),
+                        sub.selected_label,
+                    ]
+                )
+        self.doc.table(
+            [
+                "sub-task",
+                "layers",
+                "probe score",
+                "best addition",
+                "probe score",
+                "gain pp",
+                "kept",
+                "passes (this step)",
+                "passes (single-layer sweep)",
+                "final knockout",
+            ],
+            rows,
+        )
+        self.doc.paragraph(
+            "A step adds the best further layer when it beats the layers already chosen by more than the "
+            "threshold under the run's selection rule; each pass is one variant over the probe docs."
+        )
 
     def transfer(self, run: Run) -> None:
         self.doc.heading("Cross-task transfer", 3)
         matrix = transfer_matrix(run)
         if not matrix.sources or np.isnan(matrix.gains).all():
-            self.doc.paragraph("Not computed: run TaLo with `transfer=true` (or `test_all_layers=true`) to score each "
-                               "sub-task's test docs under the other sub-tasks' selected layers.")
+            self.doc.paragraph(
+                "Not computed: run TaLo with `transfer=true` (or `test_all_layers=true`) to score each "
+                "sub-task's test docs under the other sub-tasks' selected layers."
+            )
             return
-        self.figure(f"{run.key}_transfer",
-                    "Test gain (knocked out − full model) of applying the row's selected layer to the column's sub-task.",
-                    figures.transfer_heatmap, matrix, run.label)
+        self.figure(
+            f"{run.key}_transfer",
+            "Test gain (knocked out − full model) of applying the row's selected layer to the column's sub-task.",
+            figures.transfer_heatmap,
+            matrix,
+            run.label,
+        )
         own = [float(matrix.gains[i, matrix.targets.index(s)]) for i, s in enumerate(matrix.sources)]
-        others = [float(matrix.gains[i, j]) for i, s in enumerate(matrix.sources) for j, t in enumerate(matrix.targets) if t != s]
-        rows = [[f"{s} (layer {l})"] + [pp(g) for g in matrix.gains[i]] for i, (s, l) in enumerate(zip(matrix.sources, matrix.source_labels))]
+        others = [
+            float(matrix.gains[i, j])
+            for i, s in enumerate(matrix.sources)
+            for j, t in enumerate(matrix.targets)
+            if t != s
+        ]
+        rows = [
+            [f"{s} (layer {l})"] + [pp(g) for g in matrix.gains[i]]
+            for i, (s, l) in enumerate(zip(matrix.sources, matrix.source_labels))
+        ]
         self.doc.table(["selected on \\ applied to"] + matrix.targets, rows)
-        text = (f"Mean test gain of a sub-task's own selection {pp(nanmean_of(own))} pp; of another sub-task's selection "
-                + (f"{pp(nanmean_of(others))} pp." if nanmean_of(others) is not None else "not scored."))
+        text = (
+            f"Mean test gain of a sub-task's own selection {pp(nanmean_of(own))} pp; of another sub-task's selection "
+            + (f"{pp(nanmean_of(others))} pp." if nanmean_of(others) is not None else "not scored.")
+        )
         if matrix.unselected:
             text += f" Kept the full model (no row): {', '.join(matrix.unselected)}."
         if np.isnan(matrix.gains).any():
             text += " Cells marked - were not scored: run TaLo with `transfer=true` to score them."
         self.doc.paragraph(text)
         self.numbers["runs"][run.key]["transfer"] = {
-            "sources": matrix.sources, "layers": matrix.source_labels, "targets": matrix.targets,
-            "gains": matrix.gains.tolist(), "mean_own": nanmean_of(own), "mean_other": nanmean_of(others),
+            "sources": matrix.sources,
+            "layers": matrix.source_labels,
+            "targets": matrix.targets,
+            "gains": matrix.gains.tolist(),
+            "mean_own": nanmean_of(own),
+            "mean_other": nanmean_of(others),
         }
 
     def rules(self, run: Run) -> None:
@@ -273,15 +367,36 @@ class AnalysisBuilder:
             return
         summaries = summarize(choices)
         self.doc.table(
-            ["rule", "sub-tasks", "knocked out", "helped", "hurt", "unchanged", "not scored on test", "mean test gain pp"],
-            [[s.rule, str(s.subtasks), str(s.knocked_out), str(s.helped), str(s.hurt), str(s.unchanged), str(s.unknown),
-              pp(s.mean_test_gain)] for s in summaries],
+            [
+                "rule",
+                "sub-tasks",
+                "knocked out",
+                "helped",
+                "hurt",
+                "unchanged",
+                "not scored on test",
+                "mean test gain pp",
+            ],
+            [
+                [
+                    s.rule,
+                    str(s.subtasks),
+                    str(s.knocked_out),
+                    str(s.helped),
+                    str(s.hurt),
+                    str(s.unchanged),
+                    str(s.unknown),
+                    pp(s.mean_test_gain),
+                ]
+                for s in summaries
+            ],
         )
         rule = run.rule()
         self.doc.paragraph(
             f"Each rule decides offline on the final probe set of every sub-task (threshold {rule.threshold:g}, "
-            f"alpha {rule.alpha:g}, {rule.resamples} bootstrap resamples, seed {rule.seed}); its choice is then looked up in "
-            "the test scores. Keeping the full model counts as a gain of 0. 'Not scored' needs `test_all_layers=true`. "
+            f"alpha {rule.alpha:g}, {rule.resamples} bootstrap resamples, seed {rule.seed}); "
+            "its choice is then looked up in the test scores. Keeping the full model counts as a gain of 0. "
+            "'Not scored' needs `test_all_layers=true`. "
             "A confirming rule (select_rule=confirm) is not re-decided offline: it needs docs no probe round used; a "
             "run of it records its own confirmation."
         )
@@ -290,21 +405,33 @@ class AnalysisBuilder:
             per_sub.setdefault(c.subtask, {})[c.rule] = c
         rows = []
         for name, by_rule in per_sub.items():
-            rows.append([name] + [
-                "none" if c.layer is None else f"{c.layer} (probe {pp(c.probe_gain)}, test {pp(c.test_gain)})"
-                for c in (by_rule[r] for r in probe_only_rules())
-            ])
+            rows.append(
+                [name]
+                + [
+                    "none" if c.layer is None else f"{c.layer} (probe {pp(c.probe_gain)}, test {pp(c.test_gain)})"
+                    for c in (by_rule[r] for r in probe_only_rules())
+                ]
+            )
         self.doc.table(["sub-task"] + probe_only_rules(), rows)
         scatter = probe_vs_test(run)
         if self._all_layers_scored(run) and len(scatter.x) >= 3:
-            self.figure(f"{run.key}_probe_vs_test",
-                        "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs "
-                        "(coinciding pairs share a marker, labelled with their number).",
-                        figures.agreement_scatter, scatter, "probe gain", "test gain", f"{run.label}\nprobe gain vs test gain")
-            self.doc.paragraph(f"Probe vs test gain over {len(scatter.x)} task-layer pairs: Pearson r {num(scatter.pearson)}, "
-                               f"Spearman ρ {num(scatter.spearman)}.")
+            self.figure(
+                f"{run.key}_probe_vs_test",
+                "Does the probe gain predict the test gain? One point per (sub-task, layer) scored on the test docs "
+                "(coinciding pairs share a marker, labelled with their number).",
+                figures.agreement_scatter,
+                scatter,
+                "probe gain",
+                "test gain",
+                f"{run.label}\nprobe gain vs test gain",
+            )
+            self.doc.paragraph(
+                f"Probe vs test gain over {len(scatter.x)} task-layer pairs: Pearson r {num(scatter.pearson)}, "
+                f"Spearman ρ {num(scatter.spearman)}."
+            )
         self.numbers["runs"][run.key]["rules"] = {
-            "summary": [asdict(s) for s in summaries], "choices": [asdict(c) for c in choices],
+            "summary": [asdict(s) for s in summaries],
+            "choices": [asdict(c) for c in choices],
             "probe_vs_test": {"n": len(scatter.x), "pearson": scatter.pearson, "spearman": scatter.spearman},
         }
 
@@ -322,19 +449,33 @@ class AnalysisBuilder:
             result = between_runs(a, b)
             ia, ib = a.config.get("intervention"), b.config.get("intervention")
             if len(result.x) < 3:
-                self.doc.paragraph(f"{a.key} ({ia}) and {b.key} ({ib}) share fewer than 3 task-layer pairs: no comparison.")
+                self.doc.paragraph(
+                    f"{a.key} ({ia}) and {b.key} ({ib}) share fewer than 3 task-layer pairs: no comparison."
+                )
                 continue
             self.figure(
                 f"agreement_{a.key}_{b.key}",
                 f"Probe gain of every task-layer pair under {ia} ({a.key}) and {ib} ({b.key}), on the same probe docs "
                 "(coinciding pairs share a marker, labelled with their number).",
-                figures.agreement_scatter, result, f"probe gain, {ia} ({a.key})", f"probe gain, {ib} ({b.key})",
+                figures.agreement_scatter,
+                result,
+                f"probe gain, {ia} ({a.key})",
+                f"probe gain, {ib} ({b.key})",
                 f"{a.model_name}: {ia} vs {ib} knockout",
             )
-            self.doc.paragraph(f"{ia} vs {ib}: Pearson r {num(result.pearson)}, Spearman ρ {num(result.spearman)} "
-                               f"over {len(result.x)} task-layer pairs.")
-            self.numbers["agreement"].append({"runs": [a.key, b.key], "interventions": [ia, ib], "n": len(result.x),
-                                              "pearson": result.pearson, "spearman": result.spearman})
+            self.doc.paragraph(
+                f"{ia} vs {ib}: Pearson r {num(result.pearson)}, Spearman ρ {num(result.spearman)} "
+                f"over {len(result.x)} task-layer pairs."
+            )
+            self.numbers["agreement"].append(
+                {
+                    "runs": [a.key, b.key],
+                    "interventions": [ia, ib],
+                    "n": len(result.x),
+                    "pearson": result.pearson,
+                    "spearman": result.spearman,
+                }
+            )
 
 
 def write_analysis(paths: list, out: Path, options: AnalysisOptions = AnalysisOptions()) -> Path:

@@ -81,15 +81,16 @@ class Stability:
 
     def summary(self) -> dict:
         return {
-            "mean": float(self.ari.mean()), "sd": float(self.ari.std()),
-            "p05": float(np.quantile(self.ari, 0.05)), "median": float(np.median(self.ari)),
-            "p95": float(np.quantile(self.ari, 0.95)), "resamples": len(self.ari),
+            "mean": float(self.ari.mean()),
+            "sd": float(self.ari.std()),
+            "p05": float(np.quantile(self.ari, 0.05)),
+            "median": float(np.median(self.ari)),
+            "p95": float(np.quantile(self.ari, 0.95)),
+            "resamples": len(self.ari),
         }
 
 
-def bootstrap_stability(
-    differences: list[np.ndarray], reference: Clustering, resamples: int, seed: int
-) -> Stability:
+def bootstrap_stability(differences: list[np.ndarray], reference: Clustering, resamples: int, seed: int) -> Stability:
     """Resample each sub-task's probe docs with replacement, recompute the interaction vectors
     (mean per-doc difference), recluster into as many clusters, and compare with the reference.
 

@@ -58,7 +58,9 @@ class Document:
             elif kind == "table":
                 _, header, rows = block
                 out.append("| " + " | ".join(map(_cell, header)) + " |")
-                out.append("|" + "|".join("---:" if _numeric_column(rows, i) else "---" for i in range(len(header))) + "|")
+                out.append(
+                    "|" + "|".join("---:" if _numeric_column(rows, i) else "---" for i in range(len(header))) + "|"
+                )
                 out += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
                 out.append("")
             elif kind == "figure":
@@ -81,7 +83,9 @@ class Document:
                 numeric = [_numeric_column(rows, i) for i in range(len(header))]
                 head = "".join(f"<th>{_inline(h)}</th>" for h in header)
                 lines = [
-                    "<tr>" + "".join(f"<td{' class=num' if numeric[i] else ''}>{_inline(c)}</td>" for i, c in enumerate(r)) + "</tr>"
+                    "<tr>"
+                    + "".join(f"<td{' class=num' if numeric[i] else ''}>{_inline(c)}</td>" for i, c in enumerate(r))
+                    + "</tr>"
                     for r in rows
                 ]
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>")

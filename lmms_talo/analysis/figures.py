@@ -47,7 +47,9 @@ def _annotate(ax, values: np.ndarray, norm, fmt: str) -> None:
     for (row, col), value in np.ndenumerate(values):
         if np.isfinite(value):
             dark = abs(norm(value) - 0.5) > 0.3 if norm else value > 0.6
-            ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+            ax.text(
+                col, row, format(value, fmt), ha="center", va="center", fontsize=7, color="white" if dark else "black"
+            )
 
 
 def _layer_ticks(ax, layers: list, axis: str = "x") -> None:
@@ -60,8 +62,9 @@ def _layer_ticks(ax, layers: list, axis: str = "x") -> None:
         ax.set_yticks(positions, labels, fontsize=8)
 
 
-def interaction_heatmap(gains: np.ndarray, subtasks: list[str], layers: list[int], selected: list[int | None],
-                        title: str, path: Path) -> Path:
+def interaction_heatmap(
+    gains: np.ndarray, subtasks: list[str], layers: list[int], selected: list[int | None], title: str, path: Path
+) -> Path:
     """Figure 2: sub-tasks x layers, colour = probe gain of knocking the layer out (0 = white)."""
     rows, cols = gains.shape
     fig = Figure(figsize=(max(6.0, 0.32 * cols + 3.5), max(3.0, 0.38 * rows + 1.8)))
@@ -106,8 +109,14 @@ def correlation_dendrogram(result: Clustering, title: str, path: Path) -> Path:
     bar_ax = fig.add_axes([0.04, 0.9, 0.16, 0.025])  # top left, clear of the sub-task labels on the right
     clusters = len(set(result.labels.tolist()))
     threshold = result.tree[-(clusters - 1), 2] if clusters > 1 else 0.0
-    dendrogram(result.tree, orientation="left", ax=tree_ax, no_labels=True, color_threshold=threshold,
-               above_threshold_color="#777777")
+    dendrogram(
+        result.tree,
+        orientation="left",
+        ax=tree_ax,
+        no_labels=True,
+        color_threshold=threshold,
+        above_threshold_color="#777777",
+    )
     tree_ax.set_ylim(0, 10 * n)
     tree_ax.axis("off")
     ordered = result.corr[np.ix_(order, order)]
@@ -118,12 +127,21 @@ def correlation_dendrogram(result: Clustering, title: str, path: Path) -> Path:
     heat_ax.set_xticks(range(n), [result.names[i] for i in order], rotation=90, fontsize=8)
     if n <= 15:
         for (row, col), value in np.ndenumerate(ordered):
-            heat_ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                         color="white" if abs(value) > 0.6 else "black")
+            heat_ax.text(
+                col,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(value) > 0.6 else "black",
+            )
     bar = fig.colorbar(image, cax=bar_ax, orientation="horizontal", ticks=[-1, 0, 1])
     bar.set_label("Pearson r", fontsize=8)
     bar.ax.xaxis.set_label_position("top")
-    heat_ax.set_title(f"{title}\ninteraction-vector correlation, average-linkage clusters (c1..c{clusters})", fontsize=10)
+    heat_ax.set_title(
+        f"{title}\ninteraction-vector correlation, average-linkage clusters (c1..c{clusters})", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -160,24 +178,38 @@ def agreement_scatter(agreement: Agreement, xlabel: str, ylabel: str, title: str
     fig = Figure(figsize=(6.4, 5.4))
     ax = fig.subplots()
     # rounded so that float noise (0.1 vs 0.09999999999999998) does not split coinciding pairs
-    where, group, counts = np.unique(np.column_stack([agreement.x, agreement.y]).reshape(-1, 2).round(9), axis=0,
-                                     return_inverse=True, return_counts=True)
+    where, group, counts = np.unique(
+        np.column_stack([agreement.x, agreement.y]).reshape(-1, 2).round(9),
+        axis=0,
+        return_inverse=True,
+        return_counts=True,
+    )
     mean_layer = np.bincount(group.ravel(), weights=agreement.layers, minlength=len(counts)) / np.maximum(counts, 1)
     area = 30 + 400 * counts / max(counts.max(initial=1), 1)
-    points = ax.scatter(where[:, 0], where[:, 1], c=mean_layer, cmap="viridis", s=area, alpha=0.8,
-                        edgecolors="white", linewidths=0.4)
+    points = ax.scatter(
+        where[:, 0], where[:, 1], c=mean_layer, cmap="viridis", s=area, alpha=0.8, edgecolors="white", linewidths=0.4
+    )
     for (x, y), count in zip(where, counts):
         if count > 1:
             ax.text(x, y, str(count), ha="center", va="center", fontsize=7, color="black")
     both = np.concatenate([agreement.x, agreement.y]) if len(agreement.x) else np.array([0.0])
     low, high = float(both.min()), float(both.max())
     pad = 0.05 * (high - low or 1.0)
-    ax.plot([low - pad, high + pad], [low - pad, high + pad], linestyle="--", color="#999999", linewidth=1, label="y = x")
+    ax.plot(
+        [low - pad, high + pad], [low - pad, high + pad], linestyle="--", color="#999999", linewidth=1, label="y = x"
+    )
     ax.axhline(0, color="#cccccc", linewidth=0.8)
     ax.axvline(0, color="#cccccc", linewidth=0.8)
-    ax.text(0.03, 0.97, f"Pearson r = {agreement.pearson:.3f}\nSpearman ρ = {agreement.spearman:.3f}\n"
-            f"n = {len(agreement.x)} task-layer pairs", transform=ax.transAxes, va="top", fontsize=9,
-            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#bbbbbb"})
+    ax.text(
+        0.03,
+        0.97,
+        f"Pearson r = {agreement.pearson:.3f}\nSpearman ρ = {agreement.spearman:.3f}\n"
+        f"n = {len(agreement.x)} task-layer pairs",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=9,
+        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#bbbbbb"},
+    )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -206,8 +238,15 @@ def selection_robustness(distributions: list[SelectionDistribution], layers: lis
     ax.set_title(title, fontsize=10)
     for (row, col), share in np.ndenumerate(shares):
         if share >= 0.05:  # the share in percent, written on the cell (no colour bar to read off)
-            ax.text(col, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if share > 0.6 else "black")
+            ax.text(
+                col,
+                row,
+                f"{100 * share:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share > 0.6 else "black",
+            )
     return _save(fig, path)
 
 

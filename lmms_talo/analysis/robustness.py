@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from lmms_talo.method.rules import SelectionRule, bootstrap_indices
+from lmms_talo.method.rules import SelectionRule
+from lmms_talo.method.statistics import bootstrap_indices
 from lmms_talo.outputs.report_reader import Subtask
 
 NONE = "none"

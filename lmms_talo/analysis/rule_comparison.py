@@ -38,7 +38,9 @@ def rule_choices(run: Run) -> list[RuleChoice]:
             outcome = sub.decide(run.rule(name))
             layer = outcome.selected
             test_gain = sub.test_gain("base" if layer is None else str(layer))
-            choices.append(RuleChoice(sub.name, name, layer, None if layer is None else outcome.gains[layer], test_gain))
+            choices.append(
+                RuleChoice(sub.name, name, layer, None if layer is None else outcome.gains[layer], test_gain)
+            )
     return choices
 
 
@@ -48,12 +50,16 @@ def summarize(choices: list[RuleChoice]) -> list[RuleSummary]:
         mine = [c for c in choices if c.rule == name]
         chosen = [c for c in mine if c.layer is not None]
         known = [c.test_gain for c in mine if c.test_gain is not None]
-        summaries.append(RuleSummary(
-            name, len(mine), len(chosen),
-            sum(1 for c in chosen if c.test_gain is not None and c.test_gain > 0),
-            sum(1 for c in chosen if c.test_gain is not None and c.test_gain < 0),
-            sum(1 for c in chosen if c.test_gain == 0),
-            sum(1 for c in chosen if c.test_gain is None),
-            sum(known) / len(known) if known else None,
-        ))
+        summaries.append(
+            RuleSummary(
+                name,
+                len(mine),
+                len(chosen),
+                sum(1 for c in chosen if c.test_gain is not None and c.test_gain > 0),
+                sum(1 for c in chosen if c.test_gain is not None and c.test_gain < 0),
+                sum(1 for c in chosen if c.test_gain == 0),
+                sum(1 for c in chosen if c.test_gain is None),
+                sum(known) / len(known) if known else None,
+            )
+        )
     return summaries

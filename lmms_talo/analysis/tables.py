@@ -47,8 +47,14 @@ def _macro(values: list[float | None]) -> float | None:
 def subtask_row(sub: Subtask) -> Row:
     talo = _test_entry(sub, "talo")
     label = sub.selected_label
-    return Row(sub.task, sub.name, talo.get("n", 0), doc_mean(_test_entry(sub, "base")), doc_mean(talo),
-               "-" if label == "base" else label)
+    return Row(
+        sub.task,
+        sub.name,
+        talo.get("n", 0),
+        doc_mean(_test_entry(sub, "base")),
+        doc_mean(talo),
+        "-" if label == "base" else label,
+    )
 
 
 def mean_rows(name: str, subs: list[Subtask]) -> list[Row]:
@@ -56,7 +62,14 @@ def mean_rows(name: str, subs: list[Subtask]) -> list[Row]:
     rows = [subtask_row(s) for s in subs]
     n = sum(r.n for r in rows)
     return [
-        Row(name, f"{name}: mean of {len(rows)} sub-tasks", n, _macro([r.base for r in rows]), _macro([r.talo for r in rows]), ""),
+        Row(
+            name,
+            f"{name}: mean of {len(rows)} sub-tasks",
+            n,
+            _macro([r.base for r in rows]),
+            _macro([r.talo for r in rows]),
+            "",
+        ),
         Row(name, f"{name}: all test docs", n, _micro(subs, "base"), _micro(subs, "talo"), ""),
     ]
 

@@ -36,6 +36,9 @@ def transfer_matrix(run: Run) -> TransferMatrix:
             if gain is not None:
                 gains[i, j] = gain
     return TransferMatrix(
-        [s.name for s in sources], [s.selected_label for s in sources], [s.name for s in subs], gains,
+        [s.name for s in sources],
+        [s.selected_label for s in sources],
+        [s.name for s in subs],
+        gains,
         [s.name for s in subs if s.selected_label == "base"],
     )

@@ -6,16 +6,29 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = ("analyse TaLo runs (talo_report.json files, folders holding them, or probe logs *_talo_probe*.jsonl, "
-        "re-decided from their per-pass scores) into report.md, report.html and figures")
+HELP = (
+    "analyse TaLo runs (talo_report.json files, folders holding them, or probe logs *_talo_probe*.jsonl, "
+    "re-decided from their per-pass scores) into report.md, report.html and figures"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", help="talo_report.json files, folders searched for them, or probe logs (*_talo_probe*.jsonl beside the harness's sample files)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help=(
+            "talo_report.json files, folders searched for them, or probe logs "
+            "(*_talo_probe*.jsonl beside the harness's sample files)"
+        ),
+    )
     parser.add_argument("-o", "--output", default="talo_analysis", help="folder to write into (default: talo_analysis)")
     parser.add_argument("--clusters", type=int, default=3, help="flat clusters cut from the dendrogram (default 3)")
-    parser.add_argument("--resamples", type=int, default=200,
-                        help="bootstrap resamples of the probe docs for cluster stability and selection robustness (default 200)")
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=200,
+        help="bootstrap resamples of the probe docs for cluster stability and selection robustness (default 200)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
 
 

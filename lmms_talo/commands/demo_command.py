@@ -12,23 +12,44 @@ HELP = "TaLo on a real model (SmolLM2-135M-Instruct) and real data (BIG-bench), 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmms_talo.demo.driver import DEFAULT_ROUNDS, DEFAULT_SHOTS, DEFAULT_TASKS
 
-    parser.add_argument("-o", "--output", default="talo_demo", help="folder for the report, heatmap and logs (default: talo_demo)")
     parser.add_argument(
-        "--tasks", default=",".join(t.spec() for t in DEFAULT_TASKS),
-        help="comma-separated BIG-bench multiple-choice tasks, each NAME[:STYLE[:LIMIT]] with STYLE cloze "
-             "(likelihood of each option's text), lettered (the same, options listed A, B, ...) or generate "
-             "(free answer naming the option); default: %(default)s",
+        "-o", "--output", default="talo_demo", help="folder for the report, heatmap and logs (default: talo_demo)"
     )
-    parser.add_argument("--harness", choices=("lmms-eval", "lm-eval"), default="lmms-eval",
-                        help="run TaLo through lmms-eval (talo_huggingface) or lm-eval (talo_hf); default lmms-eval")
-    parser.add_argument("--probe-shots", type=int, default=DEFAULT_SHOTS, help="probe docs per task (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="probe rounds per task at most (TaLo's max_redraws + 1; the authors' code: 6; default %(default)s)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="harness processes run in parallel, the tasks dealt among them (default: one per core)")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(t.spec() for t in DEFAULT_TASKS),
+        help="comma-separated BIG-bench multiple-choice tasks, each NAME[:STYLE[:LIMIT]] with STYLE cloze "
+        "(likelihood of each option's text), lettered (the same, options listed A, B, ...) or generate "
+        "(free answer naming the option); default: %(default)s",
+    )
+    parser.add_argument(
+        "--harness",
+        choices=("lmms-eval", "lm-eval"),
+        default="lmms-eval",
+        help="run TaLo through lmms-eval (talo_huggingface) or lm-eval (talo_hf); default lmms-eval",
+    )
+    parser.add_argument(
+        "--probe-shots", type=int, default=DEFAULT_SHOTS, help="probe docs per task (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=DEFAULT_ROUNDS,
+        help="probe rounds per task at most (TaLo's max_redraws + 1; the authors' code: 6; default %(default)s)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="harness processes run in parallel, the tasks dealt among them (default: one per core)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1)")
-    parser.add_argument("--fresh", action="store_true", help="recompute the probe sweep instead of reusing stored probe results")
-    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: $LMMS_TALO_CACHE or ~/.cache/lmms_talo)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="recompute the probe sweep instead of reusing stored probe results"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="cache folder (default: $LMMS_TALO_CACHE or ~/.cache/lmms_talo)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +66,18 @@ def run(args: argparse.Namespace) -> int:
         print("lmms-talo demo: --tasks names no task", file=sys.stderr)
         return 2
     try:
-        return main(tasks, Path(args.output), args.harness, args.probe_shots, args.rounds, args.jobs, args.threads, args.fresh, args.cache,
-                    say=lambda line: print(line, flush=True))
+        return main(
+            tasks,
+            Path(args.output),
+            args.harness,
+            args.probe_shots,
+            args.rounds,
+            args.jobs,
+            args.threads,
+            args.fresh,
+            args.cache,
+            say=lambda line: print(line, flush=True),
+        )
     except (BigBenchError, DownloadError) as exc:
         print(f"lmms-talo demo: {exc}", file=sys.stderr)
         return 2

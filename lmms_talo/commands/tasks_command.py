@@ -16,7 +16,9 @@ SHOTS = (10, 15, 20)  # the paper's probe-set sizes
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmarks", nargs="*", help="benchmarks to list (default: all), e.g. mmstar seedbench")
     add_data_argument(parser)
-    parser.add_argument("--sizes", action="store_true", help="count docs per sub-task from the local HF cache (offline)")
+    parser.add_argument(
+        "--sizes", action="store_true", help="count docs per sub-task from the local HF cache (offline)"
+    )
 
 
 @contextlib.contextmanager
@@ -44,16 +46,21 @@ def _load(bench, local: str | None):
             return datasets.load_dataset("parquet", data_files={"eval": _local_data(local)}, split="eval"), None
         builtin = _load_builtin(_builtin_tasks_dir() / bench.builtin_yaml)
         with _offline():
-            return datasets.load_dataset(builtin["dataset_path"], builtin.get("dataset_name"), split=builtin["test_split"]), None
+            return datasets.load_dataset(
+                builtin["dataset_path"], builtin.get("dataset_name"), split=builtin["test_split"]
+            ), None
     except Exception as exc:  # not cached, or unreadable: the listing goes on without sizes
-        where = "the local data" if local is not None else (
-            f"the HF cache (pre-fetch it, or pass --data {bench.data_name}=PATH)")
+        where = (
+            "the local data"
+            if local is not None
+            else (f"the HF cache (pre-fetch it, or pass --data {bench.data_name}=PATH)")
+        )
         return None, f"cannot read {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
 def _counts(bench, dataset) -> Counter:
-    from lmms_talo.method.subtasks import field_value
     from lmms_talo.harness.pool_exclusion import without_media
+    from lmms_talo.method.subtasks import field_value
 
     return Counter(str(field_value(doc, bench.field, bench.group)) for doc in without_media(dataset))
 
@@ -93,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
             covered = {str(v) for _, _, values in bench.subtasks() for v in values}
             missing = sorted(k for k in counts if k not in covered)
             if missing:
-                print(f"  not covered by a sub-task: " + ", ".join(f"{k} (n={counts[k]})" for k in missing))
+                print("  not covered by a sub-task: " + ", ".join(f"{k} (n={counts[k]})" for k in missing))
     return 0

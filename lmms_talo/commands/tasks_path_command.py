@@ -12,15 +12,19 @@ HELP = "print the folder of the bundled talo_* task configs (for lmms-eval --inc
 
 def add_data_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", action="append", metavar="BENCH=PATH",
+        "--data",
+        action="append",
+        metavar="BENCH=PATH",
         help="load benchmark BENCH (e.g. mmstar, mmbench_en_dev, mmmu_val, scienceqa_img, seedbench) from local "
-             "parquet (a file, a folder of them, or a glob) instead of the Hugging Face dataset; repeatable",
+        "parquet (a file, a folder of them, or a glob) instead of the Hugging Face dataset; repeatable",
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_argument(parser)
-    parser.add_argument("--out", type=Path, help="with --data: write the configs here (default: a new temporary folder)")
+    parser.add_argument(
+        "--out", type=Path, help="with --data: write the configs here (default: a new temporary folder)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmms-talo tasks-path: {exc}", file=sys.stderr)
         return 2
     if args.out is not None and not data:
-        print("lmms-talo tasks-path: --out only applies with --data (the bundled folder is printed as is)", file=sys.stderr)
+        print(
+            "lmms-talo tasks-path: --out only applies with --data (the bundled folder is printed as is)",
+            file=sys.stderr,
+        )
         return 2
     try:
         folder = write(args.out, data) if args.out is not None else folder_for(data) if data else bundled_folder()

@@ -23,14 +23,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from lmms_talo.outputs.report_reader import run_of
-from lmms_talo.outputs.probe_store import default_state_dir
 from lmms_talo.analysis.figures import run_heatmap
 from lmms_talo.demo import bigbench, smollm2, summary
+from lmms_talo.outputs.probe_store import default_state_dir
+from lmms_talo.outputs.report_reader import run_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class DemoTask:
     limit: int | None = None  # docs drawn (seeded) from the task; None: all
 
     @classmethod
-    def parse(cls, spec: str) -> "DemoTask":
+    def parse(cls, spec: str) -> DemoTask:
         """`name`, `name:style` or `name:style:limit` (style: cloze, lettered, generate)."""
         parts = spec.split(":")
         if len(parts) > 3 or not parts[0]:
@@ -90,22 +90,61 @@ def prepare(cache: Path, tasks: list[DemoTask], say: Callable[[str], None]) -> P
     return Prepared(model, tasks_dir, converted)
 
 
-def harness_command(harness: str, model: Path, tasks_dir: Path, names: list[str], output: Path, shots: int,
-                    rounds: int, state_dir: Path, report: Path) -> list[str]:
+def harness_command(
+    harness: str,
+    model: Path,
+    tasks_dir: Path,
+    names: list[str],
+    output: Path,
+    shots: int,
+    rounds: int,
+    state_dir: Path,
+    report: Path,
+) -> list[str]:
     """The command line of one harness run over `names` (the same TaLo args under both harnesses)."""
     talo_args = f"probe_shots={shots},max_redraws={rounds - 1},compare_base=true,state_dir={state_dir},report={report}"
     if harness == "lmms-eval":
         return [
-            sys.executable, "-m", "lmms_eval", "--model", "talo_huggingface", "--force_simple",
-            "--model_args", f"pretrained={model},device=cpu,dtype=float32,chat_template=false,{talo_args}",
-            "--tasks", ",".join(names), "--include_path", str(tasks_dir / "lmms"),
-            "--output_path", str(output), "--batch_size", "8", "--log_samples", "--verbosity", "DEBUG",
+            sys.executable,
+            "-m",
+            "lmms_eval",
+            "--model",
+            "talo_huggingface",
+            "--force_simple",
+            "--model_args",
+            f"pretrained={model},device=cpu,dtype=float32,chat_template=false,{talo_args}",
+            "--tasks",
+            ",".join(names),
+            "--include_path",
+            str(tasks_dir / "lmms"),
+            "--output_path",
+            str(output),
+            "--batch_size",
+            "8",
+            "--log_samples",
+            "--verbosity",
+            "DEBUG",
         ]
     return [
-        sys.executable, "-m", "lmms_talo", "lm-eval", "--model", "talo_hf",
-        "--model_args", f"pretrained={model},dtype=float32,{talo_args}",
-        "--tasks", ",".join(names), "--include_path", str(tasks_dir / "lm_eval"),
-        "--output_path", str(output), "--batch_size", "8", "--device", "cpu", "--log_samples",
+        sys.executable,
+        "-m",
+        "lmms_talo",
+        "lm-eval",
+        "--model",
+        "talo_hf",
+        "--model_args",
+        f"pretrained={model},dtype=float32,{talo_args}",
+        "--tasks",
+        ",".join(names),
+        "--include_path",
+        str(tasks_dir / "lm_eval"),
+        "--output_path",
+        str(output),
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--log_samples",
     ]
 
 
@@ -129,14 +168,22 @@ def _probe_results(state_dir: Path) -> int:
     return sum(sum(1 for _ in open(p, encoding="utf-8")) for p in state_dir.glob("*.jsonl"))
 
 
-def run_harnesses(commands: list[list[str]], logs: list[Path], state_dir: Path, threads: int,
-                  say: Callable[[str], None]) -> list[int]:
+def run_harnesses(
+    commands: list[list[str]], logs: list[Path], state_dir: Path, threads: int, say: Callable[[str], None]
+) -> list[int]:
     """The harness runs as parallel subprocesses (output to `logs`); a progress line every 20 s.
 
     One thread each: with more BLAS threads than free cores, matmuls spin-wait and run several
     times slower, so a 2-core machine runs two 1-thread processes."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+    )
     started = time.perf_counter()
     before = _probe_results(state_dir)
     procs = []
@@ -145,8 +192,10 @@ def run_harnesses(commands: list[list[str]], logs: list[Path], state_dir: Path, 
     def tick():
         while not done.wait(20):
             running = sum(p.poll() is None for p in procs)
-            say(f"  ... {time.perf_counter() - started:4.0f} s: {_probe_results(state_dir) - before} probe passes "
-                f"(doc x variant) computed, {running} of {len(procs)} runs going")
+            say(
+                f"  ... {time.perf_counter() - started:4.0f} s: {_probe_results(state_dir) - before} probe passes "
+                f"(doc x variant) computed, {running} of {len(procs)} runs going"
+            )
 
     try:
         for command, log in zip(commands, logs):
@@ -214,13 +263,24 @@ def main(
     runs.mkdir(parents=True)
     parts = [runs / f"talo_report_{i}.json" for i in range(len(shares))]
     commands = [
-        harness_command(harness, prepared.model, prepared.tasks_dir, [t.name for t in share], runs / f"{harness}_{i}",
-                        shots, rounds, state_dir, part)
+        harness_command(
+            harness,
+            prepared.model,
+            prepared.tasks_dir,
+            [t.name for t in share],
+            runs / f"{harness}_{i}",
+            shots,
+            rounds,
+            state_dir,
+            part,
+        )
         for i, (share, part) in enumerate(zip(shares, parts))
     ]
     logs = [runs / f"{harness}_{i}.log" for i in range(len(shares))]
-    say(f"[2/3] TaLo through {harness}: {len(shares)} parallel run(s) of {threads} thread(s), probe_shots={shots}, "
-        f"up to {rounds} probe draw(s), every decoder layer 1-29 swept on each task. Commands:")
+    say(
+        f"[2/3] TaLo through {harness}: {len(shares)} parallel run(s) of {threads} thread(s), probe_shots={shots}, "
+        f"up to {rounds} probe draw(s), every decoder layer 1-29 swept on each task. Commands:"
+    )
     for command in commands:
         say("  " + " ".join(command))
     harness_started = time.perf_counter()

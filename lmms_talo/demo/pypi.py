@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PIP_VERSION = "25.3"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lmms_talo.demo.pypi import fetch
 

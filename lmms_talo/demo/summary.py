@@ -87,15 +87,37 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def table(rows: list[TaskRow]) -> str:
     """A fixed-width text table (also valid inside a Markdown code block)."""
-    head = ("task", "scored by", "test n", "chance", "base [95% CI]", "layer", "probe gain", "TaLo", "diff", "seconds", "peak MB")
+    head = (
+        "task",
+        "scored by",
+        "test n",
+        "chance",
+        "base [95% CI]",
+        "layer",
+        "probe gain",
+        "TaLo",
+        "diff",
+        "seconds",
+        "peak MB",
+    )
     lines = []
     for r in rows:
         ci = f"{_fmt(r.base)} [{_fmt(r.base_ci[0], '.2f')}, {_fmt(r.base_ci[1], '.2f')}]"
-        lines.append((
-            r.task, "likelihood" if r.request_type == "loglikelihood" else "generation", str(r.test_n),
-            _fmt(r.chance), ci, "-" if r.layer is None else str(r.layer), _fmt(r.probe_gain, "+.3f"),
-            _fmt(r.talo), _fmt(r.difference, "+.3f"), f"{r.seconds:.0f}", _fmt(r.peak_rss_mb, ".0f"),
-        ))
+        lines.append(
+            (
+                r.task,
+                "likelihood" if r.request_type == "loglikelihood" else "generation",
+                str(r.test_n),
+                _fmt(r.chance),
+                ci,
+                "-" if r.layer is None else str(r.layer),
+                _fmt(r.probe_gain, "+.3f"),
+                _fmt(r.talo),
+                _fmt(r.difference, "+.3f"),
+                f"{r.seconds:.0f}",
+                _fmt(r.peak_rss_mb, ".0f"),
+            )
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
 
     def fmt(cells):

@@ -10,30 +10,38 @@ The TaLo mixin (lmms_talo.harness.mixin) is harness-neutral. Each TaLo model cla
 Both harnesses' --predict_only strips a task's scoring before the model sees it; `own_scoring` gives
 it back to TaLo while it scores probe and test docs (`remember_own_scoring`, called by install()).
   likelihood_is_loss  whether its loglikelihood answers are losses (select_stat=margin's sign)
-The two live in lmms_talo.harness.lmms.lmms_eval_harness and lmms_talo.harness.lm_eval.lm_eval_harness; neither imports the other's
-harness, so the lm-eval path runs where lmms-eval is not installed.
+The two live in lmms_talo.harness.lmms.lmms_eval_harness and lmms_talo.harness.lm_eval.lm_eval_harness;
+neither imports the other's harness, so the lm-eval path runs where lmms-eval is not installed.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
-class Harness:
+class Harness(abc.ABC):
+    """One harness (lmms-eval or lm-eval), as the mixin sees it: the module docstring lists the
+    members. Subclasses implement install() and request(); the rest has defaults."""
+
     name: str = ""  # the distribution, as the report names it: "lmms-eval" or "lm-eval"
     likelihood_is_loss: bool = False  # loglikelihood answers are negated log-likelihoods (lmms-eval's)
     model_packages: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def install(self) -> None:
-        raise NotImplementedError
+        """Scope every evaluate() of the harness (idempotent): see the module docstring."""
 
     def unwrap(self, output: Any) -> Any:
+        """One raw answer of the base class, as the task's filters and process_results take it."""
         return output
 
+    @abc.abstractmethod
     def request(self, task: Any, request_type: str, arguments: Sequence[Any], idx: int, metadata: Any) -> Any:
-        raise NotImplementedError
+        """Another rank's request rebuilt as this harness's Instance (lmms_talo.method.parallel)."""
 
 
 # --- --predict_only: the harnesses replace a task's scoring with a `bypass` metric before the model

@@ -21,10 +21,10 @@ import inspect
 import numbers
 import os
 import tempfile
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from lmms_talo.logs import log
-
 
 # Words in an aggregation's code (names it uses, string constants) that mean it asks a model or a
 # server for its verdict, e.g. mmbench_en_dev's eval_result(..., eval_method="openai").

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 from lmms_talo.method.probe_split import ProbeSplit
 
@@ -39,7 +40,9 @@ _current: Evaluation | None = None
 
 
 @contextlib.contextmanager
-def evaluation(tasks: dict[str, Any], cli_args: Any = None, limit: Any = None, log_samples: bool = True) -> Iterator[Evaluation]:
+def evaluation(
+    tasks: dict[str, Any], cli_args: Any = None, limit: Any = None, log_samples: bool = True
+) -> Iterator[Evaluation]:
     """The state of one evaluation; an evaluation opened inside another gets its own, and the outer
     one's is back when it ends."""
     global _current
@@ -90,7 +93,7 @@ def _flatten(task_dict: dict, into: dict) -> None:
             into[getattr(task.config, "task", name)] = task
 
 
-def wrap_evaluate(evaluator: Any, scope: Callable[[Any, dict, dict], ContextManager]) -> None:
+def wrap_evaluate(evaluator: Any, scope: Callable[[Any, dict, dict], contextlib.AbstractContextManager]) -> None:
     """Wrap `evaluator.evaluate` (an lmms-eval or lm-eval evaluator module) so that every call runs
     inside `scope(lm, task_dict, kwargs)`, and a TaLo model then annotates the results the harness
     writes out (`talo_annotate_results`, lmms_talo.outputs.harness_annotations; None on ranks > 0); idempotent."""

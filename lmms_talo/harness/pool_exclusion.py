@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from lmms_talo.harness import evaluation_scope
 from lmms_talo.method.probe_split import ProbeSplit, split_subtask
@@ -151,7 +152,12 @@ class SubTaskDocs:
         stratum = field_value(doc, self.stratify_field, self.task) if self.stratify_field else None
         unit_field = known_unit(self.task)
         unit = field_value(doc, unit_field, self.task) if unit_field else None
-        return {"subtask": self.task, "index": position, "stratum": None if stratum is None else str(stratum), "unit": unit}
+        return {
+            "subtask": self.task,
+            "index": position,
+            "stratum": None if stratum is None else str(stratum),
+            "unit": unit,
+        }
 
 
 # --- records ---
@@ -186,7 +192,9 @@ def marked_results(process_results: Callable, metric: str) -> Callable:
 def _mark_of(record) -> dict:
     mark = record.get(MARK) if isinstance(record, dict) else getattr(record, "mark", None)
     if mark is None:
-        raise TaskProtocolError("a talo_* aggregation got a record without its doc mark (was process_results replaced?)")
+        raise TaskProtocolError(
+            "a talo_* aggregation got a record without its doc mark (was process_results replaced?)"
+        )
     return mark
 
 

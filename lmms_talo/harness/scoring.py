@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 import inspect
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
+
+from lmms_talo.method.option_logprobs import gold_option
 
 
 class ScoringError(RuntimeError):
@@ -53,7 +56,7 @@ RECORD_SCORERS: dict[str, Callable[[dict], float]] = {
 
 
 def _as_score(metric: str, value: Any) -> float | None:
-    if isinstance(value, bool) or isinstance(value, numbers.Real):
+    if isinstance(value, (bool, numbers.Real)):
         score = float(value)
     elif isinstance(value, dict) and metric in RECORD_SCORERS:
         score = RECORD_SCORERS[metric](value)
@@ -72,19 +75,6 @@ def _apply_filters(ensemble: Any, instances: list, doc: dict) -> None:
         ensemble.apply(instances, [doc] * len(instances))
     else:
         ensemble.apply(instances)
-
-
-def gold_option(task: Any, doc: dict) -> int | None:
-    """The gold option's index in a multiple-choice doc, as the task's process_results reads
-    doc_to_target (an index, or the option's text; of a list, the first); None when it names none or
-    the task has no options."""
-    if not getattr(getattr(task, "config", None), "doc_to_choice", None):
-        return None
-    choices = list(task.doc_to_choice(doc))
-    target = task.doc_to_target(doc)
-    target = target[0] if isinstance(target, list) and target else target
-    target = choices.index(target) if isinstance(target, str) and target in choices else target
-    return target if isinstance(target, int) and 0 <= target < len(choices) else None
 
 
 @dataclass
@@ -116,7 +106,9 @@ class TaskScorer:
         metric = self.primary_metric(sample)
         return _as_score(metric, sample[metric])
 
-    def records(self, doc: dict, requests: Sequence[Any], responses: Sequence[Any], filters: Sequence | None = None) -> dict[str, dict]:
+    def records(
+        self, doc: dict, requests: Sequence[Any], responses: Sequence[Any], filters: Sequence | None = None
+    ) -> dict[str, dict]:
         """filter name -> the doc's process_results output under that filter pipeline (default: every
         pipeline of the task): the records the evaluator hands the task's aggregations."""
         if filters is None:

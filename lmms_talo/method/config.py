@@ -16,7 +16,11 @@ class TaloArgumentError(ValueError):
     """A TaLo model arg has a bad value."""
 
 
-GRANULARITIES = ("auto", "task", "category")  # auto: category for the benchmarks lmms_talo.method.subtasks knows, task otherwise
+GRANULARITIES = (
+    "auto",
+    "task",
+    "category",
+)  # auto: category for the benchmarks lmms_talo.method.subtasks knows, task otherwise
 PROBE_PROTOCOLS = ("authors",)  # the rounds of the authors' released code: see lmms_talo.method.probe_split
 REMOVED_ARGS = {
     "resample_rounds": (
@@ -84,12 +88,16 @@ class TaloConfig:
     select_rule: str = "gain"  # gain (the paper's) | sign_test | bootstrap: see lmms_talo.method.rules
     select_alpha: float = 0.05
     select_resamples: int = 1000
-    select_stat: str = "score"  # score | margin (likelihood-scored tasks): the rules' paired statistic (lmms_talo.method.rules.STATS)
+    select_stat: str = (
+        "score"  # score | margin (likelihood-scored tasks): the rules' paired statistic (lmms_talo.method.rules.STATS)
+    )
     select_base_rule: str = "gain"  # select_rule=confirm: the rule that decides the probe rounds
     max_layers: int = 1  # > 1: greedy multi-layer search on top of the selected layer (lmms_talo.method.greedy_search)
     transfer: bool = False  # also score each sub-task's test docs under the other sub-tasks' selections
     test_all_layers: bool = False  # also score the test docs under every candidate layer
-    sweep: str = "full"  # full (the whole interaction vector) | select (exact pruning) | screen (gradient screen): see lmms_talo.method.sweep
+    # full (the whole interaction vector) | select (exact pruning) | screen (gradient screen):
+    # see lmms_talo.method.sweep
+    sweep: str = "full"
     screen_top: int = 3  # sweep=screen: the layers with the highest estimated gain, run exactly
     screen_random: int = 2  # sweep=screen: further layers drawn with the seed, run exactly
     replay: bool = True  # prefix replay of the layers below each knockout: see lmms_talo.method.prefix_replay
@@ -107,7 +115,9 @@ class TaloConfig:
                 f"authors' released code); max_redraws bounds its redraws"
             )
         if self.max_redraws < 0:
-            raise TaloArgumentError(f"max_redraws must be at least 0 (0: one round; the authors: {MAX_REDRAWS}), got {self.max_redraws}")
+            raise TaloArgumentError(
+                f"max_redraws must be at least 0 (0: one round; the authors: {MAX_REDRAWS}), got {self.max_redraws}"
+            )
         if self.layers is not None and len(self.layers) == 0:
             raise TaloArgumentError("layers is empty: give at least one candidate layer, or leave it out for 1..L-1")
         if self.max_layers < 1:
@@ -125,14 +135,22 @@ class TaloConfig:
     def selection_rule(self) -> SelectionRule:
         confirming = {"base_rule": self.select_base_rule} if self.select_rule == "confirm" else {}
         if not confirming and self.select_base_rule != "gain":
-            raise RuleError(f"select_base_rule={self.select_base_rule} is only read by select_rule=confirm: drop it, or add select_rule=confirm")
+            raise RuleError(
+                f"select_base_rule={self.select_base_rule} is only read by select_rule=confirm: "
+                "drop it, or add select_rule=confirm"
+            )
         return make_rule(
-            self.select_rule, threshold=self.threshold, alpha=self.select_alpha, resamples=self.select_resamples,
-            seed=self.seed, stat=self.select_stat, **confirming,
+            self.select_rule,
+            threshold=self.threshold,
+            alpha=self.select_alpha,
+            resamples=self.select_resamples,
+            seed=self.seed,
+            stat=self.select_stat,
+            **confirming,
         )
 
     @classmethod
-    def pop_from(cls, kwargs: dict) -> "TaloConfig":
+    def pop_from(cls, kwargs: dict) -> TaloConfig:
         """Take TaLo's args out of `kwargs` (a model-args dict), leaving the base model's args."""
         converters = {
             "probe_shots": int,
@@ -177,7 +195,10 @@ class TaloConfig:
                     raise TaloArgumentError(f"bad value for model arg {name}={raw!r}: {exc}") from exc
         if values.get("transfer") or values.get("test_all_layers"):
             if values.get("compare_base") is False:
-                raise TaloArgumentError("transfer and test_all_layers report gains over the base model's test scores: drop compare_base=false")
+                raise TaloArgumentError(
+                    "transfer and test_all_layers report gains over the base model's test scores: "
+                    "drop compare_base=false"
+                )
             values["compare_base"] = True
         return cls(**values)
 

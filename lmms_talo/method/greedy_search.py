@@ -81,8 +81,17 @@ def search_more_layers(
         added = {l: sweep.doc_scores(knockout, probe, cost) for l, knockout in grown.items()}
         statistic = sweep.paired_statistic(current.label, {l: k.label for l, k in grown.items()}, probe, cost)
         outcome = sweep.rule.decide(probe, reference, added, stream=f"{stream}/{current.label}", statistic=statistic)
-        stages.append(LayerStage(layers, outcome, len(remaining), cost.docs_computed, cost.docs_reused,
-                                 time.perf_counter() - started, cost.doc_scores))
+        stages.append(
+            LayerStage(
+                layers,
+                outcome,
+                len(remaining),
+                cost.docs_computed,
+                cost.docs_reused,
+                time.perf_counter() - started,
+                cost.doc_scores,
+            )
+        )
         if outcome.selected is None:
             break
         layers = with_layer(layers, outcome.selected)

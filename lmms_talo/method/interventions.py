@@ -23,14 +23,16 @@ the README's table read the registry. Hooks are removed in `finally`, exceptions
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import NewType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmms_talo.method.backbone import DecoderLayerSite, decoder_layers
+
 
 class InterventionError(ValueError):
     """Bad intervention name or layer index."""
@@ -70,7 +72,8 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 def names(paper: bool | None = None, exportable: bool | None = None) -> tuple[str, ...]:
     """Registered names, optionally only the paper's (or the extensions) / only the exportable."""
     return tuple(
-        n for n, i in INTERVENTIONS.items()
+        n
+        for n, i in INTERVENTIONS.items()
         if (paper is None or i.paper == paper) and (exportable is None or i.exportable == exportable)
     )
 
@@ -85,6 +88,17 @@ def intervention(name: str) -> Intervention:
     return INTERVENTIONS[name]
 
 
+VariantLabel = NewType("VariantLabel", str)
+"""A variant's key in sweep results, probe logs and the probe store: BASE for the unmodified model,
+otherwise the knocked-out layers joined by "+" (Knockout.label), e.g. "7" or "3+12"."""
+BASE = VariantLabel("base")
+
+
+def layer_label(layer: int) -> VariantLabel:
+    """The variant label of one knocked-out layer."""
+    return VariantLabel(str(layer))
+
+
 @dataclass(frozen=True)
 class Knockout:
     """What to knock out: a set of decoder layers and the intervention applied to each."""
@@ -96,8 +110,8 @@ class Knockout:
         check_intervention(self.intervention)
 
     @property
-    def label(self) -> str:
-        return "+".join(str(layer) for layer in self.layers) if self.layers else "base"
+    def label(self) -> VariantLabel:
+        return VariantLabel("+".join(map(str, self.layers))) if self.layers else BASE
 
 
 def check_intervention(name: str) -> str:
@@ -111,8 +125,7 @@ def check_layers(layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
     if bad:
         named = f"layer {bad[0]} is" if len(bad) == 1 else f"layers {', '.join(map(str, bad))} are"
         raise InterventionError(
-            f"{named} out of range: the language backbone has {num_layers} decoder layers, "
-            f"numbered 0..{num_layers - 1}"
+            f"{named} out of range: the language backbone has {num_layers} decoder layers, numbered 0..{num_layers - 1}"
         )
     return layers
 
@@ -201,12 +214,19 @@ class ProjectionFill(Intervention):
     """Each projection computes with its filled tensors: `F.linear(x, W_filled, b_filled)`."""
 
     def hooks(self, site):
-        return [proj.register_forward_hook(_linear_with(*filled_projection_tensors(proj, self.name))) for proj in site.projections]
+        return [
+            proj.register_forward_hook(_linear_with(*filled_projection_tensors(proj, self.name)))
+            for proj in site.projections
+        ]
 
 
 @register
 class Uniform(ProjectionFill):
-    name, paper, summary = "uniform", True, "each q/k/v/o tensor filled with 1/out_features (the authors' uniform scaling)"
+    name, paper, summary = (
+        "uniform",
+        True,
+        "each q/k/v/o tensor filled with 1/out_features (the authors' uniform scaling)",
+    )
 
     def fill(self, param, out_features):
         return 1.0 / out_features

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,19 @@ from torch import nn
 Option = tuple[dict, list[int]]  # (the prompt's forward kwargs, input_ids of shape 1 x T; continuation ids)
 
 logger = logging.getLogger("lmms_talo")
+
+
+def gold_option(task: Any, doc: dict) -> int | None:
+    """The gold option's index in a multiple-choice doc, as the task's process_results reads
+    doc_to_target (an index, or the option's text; of a list, the first); None when it names none or
+    the task has no options."""
+    if not getattr(getattr(task, "config", None), "doc_to_choice", None):
+        return None
+    choices = list(task.doc_to_choice(doc))
+    target = task.doc_to_target(doc)
+    target = target[0] if isinstance(target, list) and target else target
+    target = choices.index(target) if isinstance(target, str) and target in choices else target
+    return target if isinstance(target, int) and 0 <= target < len(choices) else None
 
 
 def _text_only(prompt: dict) -> bool:
@@ -57,8 +71,12 @@ def packable(model: nn.Module, options: list[Option]) -> bool:
     mask = prompt.get("attention_mask")
     window = _attention_window(model)
     length = prompt["input_ids"].shape[1] + sum(len(c) for _, c in options)
-    return (len(options) > 1 and all(_same_prompt(prompt, p) for p, _ in options[1:])
-            and (mask is None or bool(mask.all())) and (window is None or length <= window))
+    return (
+        len(options) > 1
+        and all(_same_prompt(prompt, p) for p, _ in options[1:])
+        and (mask is None or bool(mask.all()))
+        and (window is None or length <= window)
+    )
 
 
 def _prompt_extras(prompt: dict, appended: int) -> dict:
@@ -95,9 +113,26 @@ def separate_logprobs(model: nn.Module, options: list[Option]) -> list[torch.Ten
         group = [c for _, c in group]
         longest = max(len(c) for c in group)
         extra = _prompt_extras(prompt, longest)
-        rows = torch.stack([torch.cat([ids[0], torch.tensor(c + [0] * (longest - len(c)), dtype=ids.dtype, device=ids.device)]) for c in group])
-        masks = torch.stack([torch.cat([mask[0], torch.tensor([1] * len(c) + [0] * (longest - len(c)), dtype=mask.dtype, device=mask.device)]) for c in group])
-        logits = model(input_ids=rows, attention_mask=masks, use_cache=False, **extra, **_keep_logits(model, longest + 1)).logits
+        rows = torch.stack(
+            [
+                torch.cat([ids[0], torch.tensor(c + [0] * (longest - len(c)), dtype=ids.dtype, device=ids.device)])
+                for c in group
+            ]
+        )
+        masks = torch.stack(
+            [
+                torch.cat(
+                    [
+                        mask[0],
+                        torch.tensor([1] * len(c) + [0] * (longest - len(c)), dtype=mask.dtype, device=mask.device),
+                    ]
+                )
+                for c in group
+            ]
+        )
+        logits = model(
+            input_ids=rows, attention_mask=masks, use_cache=False, **extra, **_keep_logits(model, longest + 1)
+        ).logits
         logits = logits[:, -longest - 1 : -1]
         out.extend(_gather(logits[row], torch.arange(len(c), device=logits.device), c) for row, c in enumerate(group))
     return out
@@ -110,21 +145,35 @@ def packed_logprobs(model: nn.Module, options: list[Option]) -> list[torch.Tenso
     device, length = ids.device, ids.shape[1]
     continuations = [c for _, c in options]
     packed = torch.cat([ids[0]] + [torch.tensor(c, dtype=ids.dtype, device=device) for c in continuations])[None]
-    segment = torch.cat([torch.zeros(length, dtype=torch.long, device=device)]
-                        + [torch.full((len(c),), j + 1, dtype=torch.long, device=device) for j, c in enumerate(continuations)])
-    positions = torch.cat([torch.arange(length, device=device)]
-                          + [torch.arange(length, length + len(c), device=device) for c in continuations])[None]
+    segment = torch.cat(
+        [torch.zeros(length, dtype=torch.long, device=device)]
+        + [torch.full((len(c),), j + 1, dtype=torch.long, device=device) for j, c in enumerate(continuations)]
+    )
+    positions = torch.cat(
+        [torch.arange(length, device=device)]
+        + [torch.arange(length, length + len(c), device=device) for c in continuations]
+    )[None]
     index = torch.arange(packed.shape[1], device=device)
     allowed = (index[None, :] <= index[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
     dtype = next(model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        None, None
+    ]
     extra = _prompt_extras(prompt, packed.shape[1] - length)
     kept = packed.shape[1] - length + 1  # from the prompt's last position on
-    logits = model(input_ids=packed, attention_mask=mask, position_ids=positions, use_cache=False, **extra,
-                   **_keep_logits(model, kept)).logits[0, -kept:]
+    logits = model(
+        input_ids=packed,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=False,
+        **extra,
+        **_keep_logits(model, kept),
+    ).logits[0, -kept:]
     out, start = [], length  # row r of `logits` is packed position length - 1 + r
     for c in continuations:
-        predictors = torch.tensor([length - 1] + list(range(start, start + len(c) - 1)), device=logits.device) - (length - 1)
+        predictors = torch.tensor([length - 1] + list(range(start, start + len(c) - 1)), device=logits.device) - (
+            length - 1
+        )
         out.append(_gather(logits, predictors, c))
         start += len(c)
     return out
@@ -141,7 +190,10 @@ class PackingCheck:
 
     def __init__(self):
         self.verdict: bool | None = None  # None: not checked
-        self.reason = "not checked: no estimate was computed here for options after one shared prompt (read from the store, or none shared one)"
+        self.reason = (
+            "not checked: no estimate was computed here for options after one shared prompt "
+            "(read from the store, or none shared one)"
+        )
 
     def allows(self, model: nn.Module, options: list[Option]) -> bool:
         if not packable(model, options):
@@ -163,7 +215,11 @@ class PackingCheck:
         tolerance = _tolerance(next(model.parameters()).dtype)
         worst = max(abs(p - r) / max(1.0, abs(r)) for p, r in zip(packed, reference))
         if worst > tolerance:
-            return False, f"packed option log-likelihoods differ from separate ones by {worst:.2g} (relative; allowed {tolerance:g})"
+            return (
+                False,
+                f"packed option log-likelihoods differ from separate ones by {worst:.2g} "
+                f"(relative; allowed {tolerance:g})",
+            )
         return True, f"packed option log-likelihoods equal separate ones within {worst:.1g} (relative)"
 
 

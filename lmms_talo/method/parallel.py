@@ -14,8 +14,9 @@ padding Instance of every task).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 
 class RankMismatchError(RuntimeError):
@@ -124,7 +125,9 @@ def _rebuilt(portable: tuple, task: Any, task_name: str, rebuild: Callable) -> A
 class SharedRequests:
     """Every rank's requests of one request type, as seen from this rank."""
 
-    def __init__(self, reqtype: str, requests: Sequence[Any], tasks: Mapping[str, Any], ranks: Ranks, rebuild: Callable):
+    def __init__(
+        self, reqtype: str, requests: Sequence[Any], tasks: Mapping[str, Any], ranks: Ranks, rebuild: Callable
+    ):
         """`rebuild(task, request_type, arguments, idx, metadata)`: the harness's Instance (lmms_talo.harness.base)."""
         self.reqtype = reqtype
         self.ranks = ranks

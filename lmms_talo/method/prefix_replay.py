@@ -51,17 +51,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from lmms_talo.logs import log
 from lmms_talo.method.backbone import decoder_layers, unwrap
 from lmms_talo.method.interventions import Knockout
-from lmms_talo.logs import log
-
 
 VISION_METHODS = ("get_image_features", "get_video_features")
 # Cache methods that change state beyond K/V writes (linear-attention and indexer caches): replay
@@ -96,8 +96,12 @@ def same(a: Any, b: Any) -> bool:
     """Exact equality of model inputs: tensors bit for bit (dtype, shape and device included)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-            and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and torch.equal(a, b)
         )
     if isinstance(a, dict) or isinstance(b, dict):
         return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
@@ -324,12 +328,14 @@ class PrefixReplay:
         """Turn replay off for this model for the rest of the run (this and every later PrefixReplay)."""
         if self.enabled:
             _DISABLED[self.model] = reason
-            log.warning("lmms-talo prefix replay is off for the rest of the run: %s; every pass is computed in full", reason)
+            log.warning(
+                "lmms-talo prefix replay is off for the rest of the run: %s; every pass is computed in full", reason
+            )
         self.stats.status = f"disabled ({_DISABLED[self.model]})"
         self.forget()
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["PrefixReplay"]:
+    def installed(self) -> Iterator[PrefixReplay]:
         """Patch the model for the block; on exit every patch is undone and every record freed."""
         if not self.enabled:
             yield self

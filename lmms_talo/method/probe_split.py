@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -188,7 +188,10 @@ def split_subtask(
         return unprobed_split(name, keys, shots, seed, why)
     size = pool_size(len(unit_keys), shots)
     if size == 0:
-        why = f"{len(unit_keys)} {noun}: the probe pool (n // {POOL_FRACTION_DIVISOR}) is empty; answered by the full model"
+        why = (
+            f"{len(unit_keys)} {noun}: the probe pool (n // {POOL_FRACTION_DIVISOR}) is empty; "
+            "answered by the full model"
+        )
         return unprobed_split(name, keys, shots, seed, why)
     unit_strata = None
     if strata is not None:

@@ -18,15 +18,13 @@ The rounds stop at the first round where some layer's gain clears the threshold 
 paper's redraw criterion), and a guarded rule then accepts or rejects that round's best layers. A
 rejection never asks for more redraws, which would repeat the test until it passes.
 Every statistic is a pure function of the per-doc scores and the seed, so the report's per-doc
-records reproduce each rule's decision offline. Each rule is one class in the `RULES` registry.
+records reproduce each rule's decision offline. Each rule is one class in the `RULES` registry; the
+tests and their adjustment are lmms_talo.method.statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -34,6 +32,14 @@ from typing import ClassVar
 import numpy as np
 
 from lmms_talo.method.interventions import Knockout
+from lmms_talo.method.statistics import (
+    PairedValues,
+    bootstrap_indices,
+    bootstrap_lower_bounds,
+    paired_flip_p,
+    paired_tests,
+    sign_test_p,
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,9 @@ class RoundOutcome:
     cleared: bool = False  # some layer's gain cleared the threshold: the probe rounds stop here
     # Diagnostics beside the decision (not compared: two outcomes that decide alike are equal):
     p_values: dict[int, float] = field(default_factory=dict, compare=False)  # per layer: the paired test's one-sided p
-    holm: dict[int, float] = field(default_factory=dict, compare=False)  # the same, Holm-adjusted over the candidate layers
+    holm: dict[int, float] = field(
+        default_factory=dict, compare=False
+    )  # the same, Holm-adjusted over the candidate layers
 
 
 def mean(values: Sequence[float]) -> float:
@@ -89,95 +97,10 @@ class RuleError(ValueError):
     """A selection rule was configured with a bad value."""
 
 
-def sign_test_p(reference: Sequence[float], knocked: Sequence[float]) -> float:
-    """P(at least this many discordant docs favour the knockout | no effect): exact binomial, one-sided."""
-    better = sum(1 for r, k in zip(reference, knocked) if k > r)
-    worse = sum(1 for r, k in zip(reference, knocked) if k < r)
-    discordant = better + worse
-    if discordant == 0:
-        return 1.0
-    return sum(math.comb(discordant, j) for j in range(better, discordant + 1)) / 2**discordant
-
-
-EXACT_FLIP_LIMIT = 16  # up to 2^16 sign patterns are enumerated; beyond, a seeded Monte Carlo
-FLIP_SAMPLES = 20_000
-
-
-def paired_flip_p(reference: Sequence[float], knocked: Sequence[float], seed: int = 0, stream: str = "") -> float:
-    """One-sided p-value that the knockout's mean paired difference is > 0, by sign flips of the
-    per-doc differences (a paired permutation test). On pass/fail scores it is exactly the sign test;
-    on a continuous statistic (the likelihood margin) it uses the sizes of the differences too.
-    Exact for up to EXACT_FLIP_LIMIT non-zero differences, else FLIP_SAMPLES seeded flips with the
-    (hits + 1) / (samples + 1) correction, which never understates p."""
-    differences = np.array([k - r for r, k in zip(reference, knocked)], dtype=float)
-    differences = differences[differences != 0]
-    if differences.size == 0:
-        return 1.0
-    observed = differences.sum()
-    tolerance = 1e-12 * np.abs(differences).sum()  # flips that equal the observed sum count as extreme
-    if differences.size <= EXACT_FLIP_LIMIT:
-        return float(np.mean(_sign_patterns(differences.size) @ differences >= observed - tolerance))
-    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
-    flips = rng.choice((-1.0, 1.0), size=(FLIP_SAMPLES, differences.size))
-    return float((np.sum(flips @ differences >= observed - tolerance) + 1) / (FLIP_SAMPLES + 1))
-
-
-@functools.lru_cache(maxsize=EXACT_FLIP_LIMIT + 1)
-def _sign_patterns(size: int) -> np.ndarray:
-    """Every +-1 pattern of `size` signs (2^size rows): built once per size, shared by every layer."""
-    return ((np.arange(2**size)[:, None] >> np.arange(size)) & 1) * 2.0 - 1.0
-
-
-def holm_adjusted(p_values: Mapping[Hashable, float]) -> dict:
-    """Holm's step-down adjustment: each p-value as it must be read when all of them were tested
-    (family-wise error at most alpha over the candidate layers)."""
-    ordered = sorted(p_values.items(), key=lambda item: item[1])
-    count, running, adjusted = len(ordered), 0.0, {}
-    for rank, (key, p) in enumerate(ordered):
-        running = max(running, min(1.0, (count - rank) * p))
-        adjusted[key] = running
-    return {key: adjusted[key] for key in p_values}
-
-
-def bootstrap_indices(n_docs: int, samples: int, seed: int, stream: str) -> np.ndarray:
-    """`samples` resamples (with replacement) of n_docs positions; seeded by (seed, stream) only."""
-    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
-    return rng.integers(0, n_docs, size=(samples, n_docs))
-
-
-def bootstrap_lower_bounds(differences: np.ndarray, indices: np.ndarray, alpha: float) -> np.ndarray:
-    """Per row of `differences` (layers x docs): the alpha-quantile of the mean paired difference
-    over the resamples. A resample's mean is its doc counts times the differences, over n."""
-    samples, n_docs = indices.shape
-    rows = (indices + n_docs * np.arange(samples)[:, None]).ravel()
-    counts = np.bincount(rows, minlength=samples * n_docs).reshape(samples, n_docs).astype(float)
-    return np.quantile(differences @ counts.T / n_docs, alpha, axis=1)
-
-
 STATS = {
     "score": "the per-doc score, pass/fail on most tasks",
     "margin": "the gold option's log-likelihood margin over the best wrong option, likelihood-scored tasks only",
 }
-
-# (reference values per doc, {layer: values per doc}) of a paired statistic
-PairedValues = tuple[Mapping[Hashable, float], Mapping[int, Mapping[Hashable, float]]]
-
-
-def paired_tests(
-    probe_docs: Sequence[Hashable],
-    reference: Mapping[Hashable, float],
-    layer_values: Mapping[int, Mapping[Hashable, float]],
-    seed: int,
-    stream: str,
-) -> dict:
-    """Every candidate layer's one-sided paired test against the reference (paired_flip_p), and the
-    p-values Holm-adjusted over the candidates: which probe gains could be noise, for any rule."""
-    ref = [reference[d] for d in probe_docs]
-    p_values = {
-        layer: paired_flip_p(ref, [values[d] for d in probe_docs], seed, f"{stream}/{layer}")
-        for layer, values in layer_values.items()
-    }
-    return {"p_values": p_values, "holm": holm_adjusted(p_values)}
 
 
 @dataclass(frozen=True)
@@ -200,7 +123,9 @@ class SelectionRule:
         if self.resamples < 1:
             raise RuleError(f"select_resamples must be at least 1, got {self.resamples}")
         if self.stat not in STATS:
-            raise RuleError(f"select_stat={self.stat!r} is unknown: use {' or '.join(f'{k} ({v})' for k, v in STATS.items())}")
+            raise RuleError(
+                f"select_stat={self.stat!r} is unknown: use {' or '.join(f'{k} ({v})' for k, v in STATS.items())}"
+            )
 
     @property
     def guarded(self) -> bool:
@@ -309,7 +234,9 @@ class Bootstrap(SelectionRule):
     def evidence(self, probe_docs, reference, layer_doc_scores, stream):
         ref = np.array([reference[d] for d in probe_docs], dtype=float)
         differences = np.array([[s[d] for d in probe_docs] for s in layer_doc_scores.values()], dtype=float) - ref
-        bounds = bootstrap_lower_bounds(differences, bootstrap_indices(len(ref), self.resamples, self.seed, stream), self.alpha)
+        bounds = bootstrap_lower_bounds(
+            differences, bootstrap_indices(len(ref), self.resamples, self.seed, stream), self.alpha
+        )
         return {layer: float(bound) for layer, bound in zip(layer_doc_scores, bounds)}
 
     @property
@@ -321,7 +248,10 @@ class Bootstrap(SelectionRule):
         return statistic > self.bar
 
     def describe(self, statistic):
-        return f"bootstrap {1 - self.alpha:.0%} lower bound of the {self.stat} difference {statistic:+.3f} (must exceed {self.bar:g})"
+        return (
+            f"bootstrap {1 - self.alpha:.0%} lower bound of the {self.stat} difference {statistic:+.3f} "
+            f"(must exceed {self.bar:g})"
+        )
 
 
 @dataclass(frozen=True)
@@ -367,7 +297,10 @@ class Confirm(SelectionRule):
         super().__post_init__()
         if self.base_rule not in RULES or RULES[self.base_rule].confirms:
             choices = ", ".join(n for n, r in RULES.items() if not r.confirms)
-            raise RuleError(f"select_base_rule={self.base_rule!r} cannot decide the probe rounds of select_rule=confirm: choose one of {choices}")
+            raise RuleError(
+                f"select_base_rule={self.base_rule!r} cannot decide the probe rounds of select_rule=confirm: "
+                f"choose one of {choices}"
+            )
 
     @property
     def base(self) -> SelectionRule:
@@ -381,14 +314,19 @@ class Confirm(SelectionRule):
     def decide(self, probe_docs, reference, layer_doc_scores, stream="", statistic=None) -> RoundOutcome:
         return self.base.decide(probe_docs, reference, layer_doc_scores, stream, statistic)
 
-    def confirm(self, layers, docs, scores: PairedValues, statistic: PairedValues | None = None, stream: str = "") -> Confirmation:
+    def confirm(
+        self, layers, docs, scores: PairedValues, statistic: PairedValues | None = None, stream: str = ""
+    ) -> Confirmation:
         """Test `layers` on the confirmation `docs`: `scores` = (full model, knockout) per-doc scores,
         `statistic` the same for select_stat when it is not the score."""
         (ref_scores, knocked_scores), (ref, knocked) = scores, statistic or scores
         docs = tuple(docs)
         label = Knockout(tuple(layers)).label
         if not docs:
-            reason = f"confirm: layer {label} dropped: no pool unit is left unprobed to confirm it on (raise the pool: more docs, or fewer redraws)"
+            reason = (
+                f"confirm: layer {label} dropped: no pool unit is left unprobed to confirm it on "
+                "(raise the pool: more docs, or fewer redraws)"
+            )
             return Confirmation(tuple(layers), (), self.stat, {}, {}, {}, {}, None, self.alpha, False, reason)
         p = paired_flip_p([ref[d] for d in docs], [knocked[d] for d in docs], self.seed, f"{stream}/confirm/{label}")
         kept = p < self.alpha
@@ -399,5 +337,16 @@ class Confirm(SelectionRule):
             f"({'<' if kept else '>='} alpha {self.alpha:g})"
         )
         pick = lambda values: {d: values[d] for d in docs}
-        return Confirmation(tuple(layers), docs, self.stat, pick(ref), pick(knocked), pick(ref_scores),
-                            pick(knocked_scores), p, self.alpha, kept, reason)
+        return Confirmation(
+            tuple(layers),
+            docs,
+            self.stat,
+            pick(ref),
+            pick(knocked),
+            pick(ref_scores),
+            pick(knocked_scores),
+            p,
+            self.alpha,
+            kept,
+            reason,
+        )

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -49,8 +50,7 @@ from torch import nn
 
 from lmms_talo.method.backbone import decoder_layers, unwrap
 from lmms_talo.method.interventions import intervention as get_intervention
-from lmms_talo.method.option_logprobs import PackingCheck, packed_logprobs, separate_logprobs
-from lmms_talo.harness.scoring import gold_option
+from lmms_talo.method.option_logprobs import PackingCheck, gold_option, packed_logprobs, separate_logprobs
 
 
 class ScreenError(RuntimeError):
@@ -58,8 +58,18 @@ class ScreenError(RuntimeError):
 
 
 # Model-call kwargs that belong to one incremental call, not to the prompt: dropped from a captured prompt.
-_CALL_STATE = ("past_key_values", "cache", "use_cache", "cache_position", "position_ids", "logits_to_keep",
-               "return_dict", "output_attentions", "output_hidden_states", "rope_deltas")
+_CALL_STATE = (
+    "past_key_values",
+    "cache",
+    "use_cache",
+    "cache_position",
+    "position_ids",
+    "logits_to_keep",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "rope_deltas",
+)
 
 
 @dataclass
@@ -99,7 +109,9 @@ def _checkpointed_layers(model: nn.Module):
     own hooks stay outside the checkpointed forward, so the recomputation in the backward does not
     fire them again."""
     layers = [site.layer for site in decoder_layers(model)]
-    own = {id(layer): layer.__dict__["forward"] for layer in layers if "forward" in layer.__dict__}  # accelerate's offload hooks
+    own = {
+        id(layer): layer.__dict__["forward"] for layer in layers if "forward" in layer.__dict__
+    }  # accelerate's offload hooks
 
     def checkpointed(forward):
         return lambda *args, **kwargs: torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -156,8 +168,13 @@ def _perturbable(model: nn.Module, layers: Sequence[int], intervention: str):
             handle.remove()
 
 
-def doc_effects(model: nn.Module, items: Sequence[ScreenItem], layers: Sequence[int], intervention: str,
-                packing: PackingCheck | None = None) -> tuple[float, dict[int, float]]:
+def doc_effects(
+    model: nn.Module,
+    items: Sequence[ScreenItem],
+    layers: Sequence[int],
+    intervention: str,
+    packing: PackingCheck | None = None,
+) -> tuple[float, dict[int, float]]:
     """(S of one doc, {layer: estimated change of S under the knockout}): one forward and one
     backward over the doc's items, gradients with respect to activations only; each item's options
     packed into one sequence where `packing` has proved that equal (lmms_talo.method.option_logprobs)."""
@@ -166,8 +183,13 @@ def doc_effects(model: nn.Module, items: Sequence[ScreenItem], layers: Sequence[
     if not items:
         return 0.0, {layer: 0.0 for layer in layers}
     packed = [packing is not None and packing.allows(model, item.options) for item in items]  # before the hooks go on
-    with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model), _checkpointed_layers(model), \
-            _perturbable(model, layers, intervention) as taken:
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        _frozen_parameters(model),
+        _checkpointed_layers(model),
+        _perturbable(model, layers, intervention) as taken,
+    ):
         score = torch.stack([_item_score(model, item, pack) for item, pack in zip(items, packed)]).sum()
         pairs = [(layer, z, delta) for layer in layers for z, delta in taken[layer]]
         grads = torch.autograd.grad(score, [z for _, z, _ in pairs], allow_unused=True)
@@ -205,10 +227,20 @@ def capture_prompt(model: nn.Module, run: Callable[[], Any]) -> dict:
     finally:
         handle.remove()
     if "input_ids" not in taken or not isinstance(taken["input_ids"], torch.Tensor):
-        raise ScreenError("sweep=screen: the model class's first model call carried no input_ids (inputs_embeds only?): screen it with sweep=full")
+        raise ScreenError(
+            "sweep=screen: the model class's first model call carried no input_ids (inputs_embeds only?): "
+            "screen it with sweep=full"
+        )
     if taken["input_ids"].shape[0] != 1:
-        raise ScreenError(f"sweep=screen: one request's prompt came as a batch of {taken['input_ids'].shape[0]} rows: screen it with sweep=full")
-    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in taken.items() if k not in _CALL_STATE and v is not None}
+        raise ScreenError(
+            f"sweep=screen: one request's prompt came as a batch of {taken['input_ids'].shape[0]} rows: "
+            "screen it with sweep=full"
+        )
+    return {
+        k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+        for k, v in taken.items()
+        if k not in _CALL_STATE and v is not None
+    }
 
 
 def tokenizer_of(lm: Any):
@@ -242,7 +274,10 @@ def target_text(task: Any, doc: Any) -> Any:
 def _gold_index(task: Any, doc: Any, count: int) -> int:
     gold = gold_option(task, doc)
     if gold is None or gold >= count:
-        raise ScreenError(f"sweep=screen: the task's target {task.doc_to_target(doc)!r} is not an option index of the doc's {count} options")
+        raise ScreenError(
+            f"sweep=screen: the task's target {task.doc_to_target(doc)!r} is not an option index "
+            f"of the doc's {count} options"
+        )
     return gold
 
 
@@ -285,8 +320,12 @@ def generation_item(prompt: dict, tokenizer, gold: Any, answer: str) -> ScreenIt
 # --- which layers run exactly ---
 
 
-def predicted_scores(base: Mapping[Hashable, float], signal: Mapping[Hashable, float],
-                     estimates: Mapping[Hashable, Mapping[int, float]], layers: Sequence[int]) -> dict[int, float]:
+def predicted_scores(
+    base: Mapping[Hashable, float],
+    signal: Mapping[Hashable, float],
+    estimates: Mapping[Hashable, Mapping[int, float]],
+    layers: Sequence[int],
+) -> dict[int, float]:
     """Per layer, the mean probe score that the first-order estimate predicts under its knockout, in
     the units of the rule's gains: a doc counts right when its S plus the layer's estimated change of S
     is positive (S > 0: the gold option leads, or the target outscores the answer given); a doc with
@@ -302,7 +341,9 @@ def predicted_scores(base: Mapping[Hashable, float], signal: Mapping[Hashable, f
     return {layer: sum(right(d, layer) for d in base) / len(base) for layer in layers}
 
 
-def chosen_layers(predicted: dict[int, float], totals: dict[int, float], top: int, others: int, seed: str) -> tuple[list[int], list[int]]:
+def chosen_layers(
+    predicted: dict[int, float], totals: dict[int, float], top: int, others: int, seed: str
+) -> tuple[list[int], list[int]]:
     """(the `top` layers with the highest predicted probe score, then summed estimate; `others`
     further layers drawn with `seed`); ties go to the lower layer."""
     ranked = sorted(totals, key=lambda layer: (-predicted[layer], -totals[layer], layer))
@@ -352,7 +393,9 @@ class Screen:
     seed: int = 0
     packing: PackingCheck = field(default_factory=PackingCheck)
 
-    def effects(self, unit: Hashable, responses: list, layers: Sequence[int], intervention: str) -> tuple[float, dict[int, float]]:
+    def effects(
+        self, unit: Hashable, responses: list, layers: Sequence[int], intervention: str
+    ) -> tuple[float, dict[int, float]]:
         return doc_effects(self.model, self.items(unit, responses), layers, intervention, self.packing)
 
 
@@ -373,8 +416,12 @@ def task_screen(lm: Any, model: nn.Module, group: Any, run_one: Callable[[Any], 
             requests = group.doc_requests[doc_id]
             doc = task.eval_docs[doc_id]
             if likelihood:
-                options = [encoded_option(encode, r, device) if encode else labelled_option(capture_prompt(model, lambda r=r: run_one(r)))
-                           for r in requests]
+                options = [
+                    encoded_option(encode, r, device)
+                    if encode
+                    else labelled_option(capture_prompt(model, lambda r=r: run_one(r)))
+                    for r in requests
+                ]
                 out.append(ScreenItem(options, _gold_index(task, doc, len(options))))
                 continue
             for request, answer in zip(requests, answers):

@@ -13,12 +13,12 @@ used, so the test set is the same as under any other rule. Only the rule decides
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from lmms_talo.method.config import TaloConfig
 from lmms_talo.method.greedy_search import LayerStage, search_more_layers
-from lmms_talo.method.interventions import Knockout
+from lmms_talo.method.interventions import BASE, Knockout
 from lmms_talo.method.probe_split import ProbeSplit
 from lmms_talo.method.rules import Confirmation
 from lmms_talo.method.sweep import LayerSweep, SweepResult
@@ -75,7 +75,7 @@ def confirm_knockout(sweep: LayerSweep, split: ProbeSplit, result: SweepResult, 
     docs = split.unused_units(result.probe_rounds)
     cost = SweepResult((), [])
     scores = (sweep.doc_scores(None, docs, cost), sweep.doc_scores(knockout, docs, cost)) if docs else ({}, {})
-    statistic = sweep.paired_statistic("base", {"knocked": knockout.label}, docs, cost) if docs else None
+    statistic = sweep.paired_statistic(BASE, {"knocked": knockout.label}, docs, cost) if docs else None
     if statistic is not None:
         statistic = (statistic[0], statistic[1]["knocked"])
     confirmation = sweep.rule.confirm(knockout.layers, docs, scores, statistic, stream=split.name)

@@ -14,8 +14,9 @@ share its value (MMBench stores each question once per rotation of its options: 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 # task-name prefix -> (category field, stratification field or None)
 KNOWN_FIELDS: dict[str, tuple[str, str | None]] = {
@@ -79,7 +80,7 @@ def field_value(doc: Mapping[str, Any], field: str, task_name: str) -> Any:
     if field in DERIVED_FIELDS:
         return DERIVED_FIELDS[field](doc)
     if field not in doc:
-        available = ", ".join(k for k in doc.keys() if not k.startswith("_"))
+        available = ", ".join(k for k in doc if not k.startswith("_"))
         raise CategoryFieldError(
             f"task {task_name!r}: its docs have no field {field!r}. Set category_field (or "
             f"stratify_field) to one of: {available}; or use granularity=task"
@@ -120,7 +121,9 @@ def _auto_granularity(task_name: str, category_field: str | None, declared: dict
     return "task", "no known category field (set category_field=... to probe per category)"
 
 
-def resolve_fields(task_name: str, granularity: str, category_field: str | None, stratify_field: str | None, task=None) -> TaskFields:
+def resolve_fields(
+    task_name: str, granularity: str, category_field: str | None, stratify_field: str | None, task=None
+) -> TaskFields:
     """The granularity and the (category, stratification, unit) fields of a task: model args, then the
     task config's declaration, then the known defaults of its benchmark."""
     declared = declared_fields(task)
@@ -142,7 +145,9 @@ def resolve_fields(task_name: str, granularity: str, category_field: str | None,
             f"granularity=category but task {task_name!r} has no known category field: set "
             f"category_field=<doc field>, or use granularity=task"
         )
-    stratify = stratify_field if stratify_field is not None else (defaults[1] if defaults and not category_field else None)
+    stratify = (
+        stratify_field if stratify_field is not None else (defaults[1] if defaults and not category_field else None)
+    )
     return TaskFields("category", why, category, stratify, unit)
 
 

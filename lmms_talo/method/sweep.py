@@ -28,24 +28,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Protocol
 
-from lmms_talo.method.interventions import Knockout
 from lmms_talo.logs import log
+from lmms_talo.method.interventions import BASE, Knockout, VariantLabel, layer_label
 from lmms_talo.method.parallel import RankMismatchError, Ranks
-from lmms_talo.method.probe_split import MAX_REDRAWS, ProbeRound, ProbeSplit
 from lmms_talo.method.prefix_replay import PrefixReplay, ReplayStats
+from lmms_talo.method.probe_split import MAX_REDRAWS, ProbeRound, ProbeSplit
 from lmms_talo.method.rules import RoundOutcome, SelectionRule, baseline_is_perfect, make_rule, mean
 from lmms_talo.method.screen import Screen, chosen_layers, predicted_scores, spearman
-from lmms_talo.outputs.probe_store import ProbeStore
-
 
 Answer = Callable[[Knockout | None, Sequence[Hashable]], dict]
 Score = Callable[[Hashable, list], float]
 Statistic = Callable[[Hashable, list], float]  # a per-doc statistic from the same responses (select_stat)
 
 SWEEP_MODES = ("full", "select", "screen")
+SCREEN = VariantLabel("screen")  # the store's key of a doc's gradient estimates
+
+
+class ResultStore(Protocol):
+    """Where the sweep persists each (variant, doc) result as it lands, and finds it again after a
+    crash (lmms_talo.outputs.probe_store.ProbeStore)."""
+
+    def get(self, variant: VariantLabel, doc: Hashable) -> tuple[float, list] | None: ...
+
+    def put(self, variant: VariantLabel, doc: Hashable, score: float, responses: list) -> None: ...
 
 
 class SweepModeError(ValueError):
@@ -93,7 +102,9 @@ class SweepResult:
     replay: dict = field(default_factory=dict)  # prefix replay's work counters, when it was on
     probe_rounds: list[ProbeRound] = field(default_factory=list)  # each round's units and why it was drawn
     stopped: str = ""  # why the rounds ended
-    screen: list[dict] = field(default_factory=list)  # per screened round (screen mode): estimates, exact layers, spearman
+    screen: list[dict] = field(
+        default_factory=list
+    )  # per screened round (screen mode): estimates, exact layers, spearman
 
     @property
     def final(self) -> RoundOutcome:
@@ -148,10 +159,17 @@ class LayerPruner:
         for layer in alive:
             reason = None
             if upper[layer] - self.baseline <= self.threshold:
-                reason = f"cannot gain more than the threshold {self.threshold:g} (at most {upper[layer] - self.baseline:+.3f})"
+                reason = (
+                    f"cannot gain more than the threshold {self.threshold:g} "
+                    f"(at most {upper[layer] - self.baseline:+.3f})"
+                )
             else:
                 rival = next(
-                    (m for m in alive if m != layer and (lower[m] > upper[layer] or (lower[m] == upper[layer] and m < layer))),
+                    (
+                        m
+                        for m in alive
+                        if m != layer and (lower[m] > upper[layer] or (lower[m] == upper[layer] and m < layer))
+                    ),
                     None,
                 )
                 if rival is not None:
@@ -161,13 +179,13 @@ class LayerPruner:
 
 
 class LayerSweep:
-    """Runs variants over probe docs through a ProbeStore, so nothing is computed twice."""
+    """Runs variants over probe docs through a ResultStore, so nothing is computed twice."""
 
     def __init__(
         self,
         answer: Answer,
         score: Score,
-        store: ProbeStore,
+        store: ResultStore,
         *,
         mode: str = "full",
         replay: PrefixReplay | None = None,
@@ -178,7 +196,9 @@ class LayerSweep:
     ):
         self.rule = rule or make_rule("gain")
         if self.rule.stat != "score" and statistic is None:
-            raise SweepModeError(f"select_stat={self.rule.stat} needs a per-doc statistic, and this sweep computes none")
+            raise SweepModeError(
+                f"select_stat={self.rule.stat} needs a per-doc statistic, and this sweep computes none"
+            )
         self.statistic = statistic if self.rule.stat != "score" else None
         self.answer = answer
         self.score = score
@@ -188,23 +208,25 @@ class LayerSweep:
         self.ranks = ranks or Ranks()
         self.screen = screen
         if self.mode == "screen" and screen is None:
-            raise SweepModeError("sweep=screen needs a gradient screen (lmms_talo.method.screen.Screen), and this sweep was given none")
-        self._known: dict[tuple[str, str], tuple[float, list]] = {}  # computed or merged in this process
+            raise SweepModeError(
+                "sweep=screen needs a gradient screen (lmms_talo.method.screen.Screen), and this sweep was given none"
+            )
+        self._known: dict[tuple[VariantLabel, str], tuple[float, list]] = {}  # computed or merged in this process
         self._checked_shapes: set[frozenset] = set()  # shapes of replayed passes compared with a full pass
 
     # --- one (variant, doc) at a time ---
 
-    def record(self, label: str, doc: Hashable) -> tuple[float, list] | None:
+    def record(self, label: VariantLabel, doc: Hashable) -> tuple[float, list] | None:
         """(score, responses) of a variant on a doc, computed here, merged from a rank or stored."""
         return self._known.get((label, str(doc))) or self.store.get(label, doc)
 
-    def _remember(self, label: str, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
+    def _remember(self, label: VariantLabel, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
         self._known[(label, str(doc))] = (score, responses)
         result.doc_scores.setdefault(label, {})[str(doc)] = score
         if self.statistic is not None:
             result.doc_stats.setdefault(label, {})[str(doc)] = self.statistic(doc, responses)
 
-    def paired_statistic(self, reference: str, labels: Mapping, docs: Sequence[Hashable], result: SweepResult):
+    def paired_statistic(self, reference: VariantLabel, labels: Mapping, docs: Sequence[Hashable], result: SweepResult):
         """(reference label's, {key: label's}) statistic per doc, for the rule's paired tests; None
         when the statistic is the score itself."""
         if self.statistic is None:
@@ -252,12 +274,17 @@ class LayerSweep:
         return full
 
     def _score(
-        self, knockout: Knockout | None, doc: Hashable, result: SweepResult, replaying: bool = False, check: bool = False
+        self,
+        knockout: Knockout | None,
+        doc: Hashable,
+        result: SweepResult,
+        replaying: bool = False,
+        check: bool = False,
     ) -> float:
         """One doc under one variant: from the store, or run. `replaying`: under prefix replay, and
         then the base pass runs even when stored, because it records what the knockouts replay.
         `check`: run it with replay and in full, and compare (`_checked_run`)."""
-        label = knockout.label if knockout else "base"
+        label = knockout.label if knockout else BASE
         hit = self.record(label, doc)
         if hit is not None and not (replaying and knockout is None):
             result.docs_reused += 1
@@ -268,8 +295,13 @@ class LayerSweep:
         if hit is None:
             self.store.put(label, doc, value, responses)
         elif hit[0] != value:
-            log.warning("lmms-talo: doc %s (%s) scored %s now and %s in the store: the model is not deterministic",
-                        doc, label, value, hit[0])
+            log.warning(
+                "lmms-talo: doc %s (%s) scored %s now and %s in the store: the model is not deterministic",
+                doc,
+                label,
+                value,
+                hit[0],
+            )
         self._remember(label, doc, value, responses, result)
         return value
 
@@ -295,8 +327,11 @@ class LayerSweep:
         (`_checked_run`): it replays the most layers (every recorded layer output and K/V write
         below it), so it exercises the most replay, and if replay is wrong no other variant used it."""
         todo = [k for k in knockouts if self.record(k.label, doc) is None]
-        replaying = self.replay is not None and self.replay.enabled and bool(todo) and (
-            self.record("base", doc) is None or self.replay.saves_work(todo)
+        replaying = (
+            self.replay is not None
+            and self.replay.enabled
+            and bool(todo)
+            and (self.record(BASE, doc) is None or self.replay.saves_work(todo))
         )
         checked = max(todo, key=lambda k: min(k.layers, default=0)) if replaying else None
         with self._doc_records():
@@ -309,7 +344,7 @@ class LayerSweep:
 
     def doc_scores(self, knockout: Knockout | None, docs: Sequence[Hashable], result: SweepResult) -> dict:
         """One variant over several docs in one harness call (the multi-layer search uses this)."""
-        label = knockout.label if knockout else "base"
+        label = knockout.label if knockout else BASE
         scores: dict = {}
         missing = []
         for doc in docs:
@@ -347,10 +382,12 @@ class LayerSweep:
                 self._remember(label, doc, value, responses, result)
         return merged
 
-    def _row(self, label: str, doc: Hashable) -> tuple[float, list]:
+    def _row(self, label: VariantLabel, doc: Hashable) -> tuple[float, list]:
         return self._known[(label, str(doc))]
 
-    def _full_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
+    def _full_round(
+        self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str
+    ) -> tuple[RoundOutcome, dict]:
         """Every layer (this rank's share) on every probe doc, doc by doc. With `skip_if_perfect`, while
         every doc so far has a perfect base score the baseline may be perfect, which skips the layers:
         those docs' variants wait until a doc with an imperfect base score appears."""
@@ -365,7 +402,9 @@ class LayerSweep:
                 rows[label][doc] = self._row(label, doc)
 
         for doc in probe:
-            base[doc], scores = self._doc(doc, knockouts, result, go_on=lambda b: not (waiting and b >= 1.0))
+            # go_on is called inside this _doc call only: bind this iteration's `waiting`
+            go_on = lambda b, waiting=waiting: not (waiting and b >= 1.0)
+            base[doc], scores = self._doc(doc, knockouts, result, go_on=go_on)
             if waiting and base[doc] >= 1.0:
                 deferred.append(doc)
                 continue
@@ -377,11 +416,13 @@ class LayerSweep:
         rows = self._merge(base, rows, result)
         if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
             return self.rule.decide(probe, base, {}, stream), {}
-        layer_scores = {layer: {d: rows[str(layer)][d][0] for d in probe} for layer in layers}
-        statistic = self.paired_statistic("base", {layer: str(layer) for layer in layers}, probe, result)
+        layer_scores = {layer: {d: rows[layer_label(layer)][d][0] for d in probe} for layer in layers}
+        statistic = self.paired_statistic(BASE, {layer: layer_label(layer) for layer in layers}, probe, result)
         return self.rule.decide(probe, base, layer_scores, stream, statistic), {}
 
-    def _select_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
+    def _select_round(
+        self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str
+    ) -> tuple[RoundOutcome, dict]:
         """Base scores first (the pruning bounds need the baseline), then the layers doc by doc,
         docs with the lowest base score first: knockouts tend to miss them too, so layers that
         cannot win are dropped early. Only the gain rule is served (see __init__)."""
@@ -412,7 +453,7 @@ class LayerSweep:
         "screen") or computed (each rank a share of the docs, then merged), persisted as each lands."""
         estimates, todo = {}, []
         for doc in probe:
-            hit = self.record("screen", doc)
+            hit = self.record(SCREEN, doc)
             stored = hit[1][0] if hit else {}
             if all(str(layer) in stored for layer in layers):
                 estimates[doc] = (hit[0], {layer: stored[str(layer)] for layer in layers})
@@ -421,14 +462,16 @@ class LayerSweep:
         mine = {}
         for doc in self.ranks.share(todo):
             with self._doc_records():
-                value, effects = self.screen.effects(doc, self._row("base", doc)[1], layers, intervention)
-            self.store.put("screen", doc, value, [{str(layer): e for layer, e in effects.items()}])
+                value, effects = self.screen.effects(doc, self._row(BASE, doc)[1], layers, intervention)
+            self.store.put(SCREEN, doc, value, [{str(layer): e for layer, e in effects.items()}])
             mine[doc] = (value, effects)
         for part in self.ranks.all_gather(mine):
             estimates.update(part)
         return estimates
 
-    def _screen_round(self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str) -> tuple[RoundOutcome, dict]:
+    def _screen_round(
+        self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str
+    ) -> tuple[RoundOutcome, dict]:
         """Base scores, the screen's estimates, then the full round over the chosen layers only:
         the rule decides among exactly scored layers. With screen_top >= the number of layers this is
         the full round itself."""
@@ -440,21 +483,31 @@ class LayerSweep:
         screened = self._screen_estimates(probe, layers, intervention)
         estimates = {d: effects for d, (_, effects) in screened.items()}
         totals = {layer: sum(estimates[d][layer] for d in probe) for layer in layers}
-        predicted = {layer: score - baseline for layer, score in predicted_scores(
-            {d: base[d] for d in probe}, {d: screened[d][0] for d in probe}, estimates, layers).items()}
-        top, drawn = chosen_layers(predicted, totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}")
+        predicted = {
+            layer: score - baseline
+            for layer, score in predicted_scores(
+                {d: base[d] for d in probe}, {d: screened[d][0] for d in probe}, estimates, layers
+            ).items()
+        }
+        top, drawn = chosen_layers(
+            predicted, totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}"
+        )
         exact = sorted(top + drawn)
         outcome, pruned = self._full_round(probe, exact, intervention, result, False, stream)
         gains = outcome.gains
-        result.screen.append({
-            "round": len(result.rounds),
-            "estimates": {str(layer): totals[layer] for layer in layers},
-            "predicted_gains": {str(layer): predicted[layer] for layer in layers},
-            "top": top, "random": drawn,
-            "exact_gains": {str(layer): gains[layer] for layer in exact},
-            "spearman": spearman([predicted[layer] for layer in exact], [gains[layer] for layer in exact]),
-            "packed_options": self.screen.packing.verdict, "packing_check": self.screen.packing.reason,
-        })
+        result.screen.append(
+            {
+                "round": len(result.rounds),
+                "estimates": {str(layer): totals[layer] for layer in layers},
+                "predicted_gains": {str(layer): predicted[layer] for layer in layers},
+                "top": top,
+                "random": drawn,
+                "exact_gains": {str(layer): gains[layer] for layer in exact},
+                "spearman": spearman([predicted[layer] for layer in exact], [gains[layer] for layer in exact]),
+                "packed_options": self.screen.packing.verdict,
+                "packing_check": self.screen.packing.reason,
+            }
+        )
         return outcome, pruned
 
     def run(
@@ -482,14 +535,19 @@ class LayerSweep:
                 # clear the threshold anyway (scores lie in [0, 1]).
                 redraw_if_perfect = probe_round.index == 0 and blocker is None
                 outcome, pruned = play(
-                    list(probe_round.docs), list(candidate_layers), intervention, result,
-                    skip_if_perfect=redraw_if_perfect or threshold >= 0, stream=split.name,
+                    list(probe_round.docs),
+                    list(candidate_layers),
+                    intervention,
+                    result,
+                    skip_if_perfect=redraw_if_perfect or threshold >= 0,
+                    stream=split.name,
                 )
                 result.rounds.append(outcome)
                 result.pruned.append(pruned)
                 if outcome.cleared:
                     result.stopped = (
-                        f"round {probe_round.index} selected layer {outcome.selected}" if outcome.selected is not None
+                        f"round {probe_round.index} selected layer {outcome.selected}"
+                        if outcome.selected is not None
                         else f"round {probe_round.index}: a layer's gain cleared the threshold; {outcome.reason}"
                     )
                     break
@@ -508,7 +566,7 @@ class LayerSweep:
 def _canonical(result: SweepResult, probes: list) -> dict:
     """Per-doc scores in a fixed order (base, then candidate layers; docs as first probed), whatever
     order the docs were run in and whichever rank ran them."""
-    labels = ["base"] + [str(layer) for layer in result.candidate_layers]
+    labels = [BASE] + [layer_label(layer) for layer in result.candidate_layers]
     labels += [label for label in result.doc_scores if label not in labels]
     docs = list(dict.fromkeys(str(d) for probe in probes for d in probe))
     ordered = {}

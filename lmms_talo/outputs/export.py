@@ -18,9 +18,18 @@ from lmms_talo.outputs.report_reader import ReportError, load_run
 
 # Files of a checkpoint folder that describe preprocessing, copied unchanged.
 _PREPROCESSING_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
-    "chat_template.jinja", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
 )
 
 
@@ -52,7 +61,9 @@ def selection_from_report(report_path: str, task: str) -> tuple[int, str]:
 
 
 @torch.no_grad()
-def export(pretrained: str, layer: int, intervention: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+def export(
+    pretrained: str, layer: int, intervention: str, out: str, dtype: str = "auto", trust_remote_code: bool = False
+) -> Path:
     if not interventions.intervention(intervention).exportable:
         raise InterventionError(
             f"cannot export {intervention!r}: only the weight-defined interventions "

@@ -19,8 +19,9 @@ import functools
 import json
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from lmms_talo import __version__
 
@@ -105,15 +106,22 @@ def log_to_wandb(report: Mapping[str, Any], report_path: Any) -> bool:
         return False
     rows = [
         [group["subtask"], int(layer), gain, int(layer) == group.get("selected_layer")]
-        for group in report["subtasks"] for layer, gain in (group.get("interaction_vector") or {}).items()
+        for group in report["subtasks"]
+        for layer, gain in (group.get("interaction_vector") or {}).items()
     ]
-    payload = {"talo/interaction_vectors": wandb.Table(columns=["subtask", "layer", "probe_gain", "selected"], data=rows)}
+    payload = {
+        "talo/interaction_vectors": wandb.Table(columns=["subtask", "layer", "probe_gain", "selected"], data=rows)
+    }
     if rows:
         from lmms_talo.analysis.figures import run_heatmap
         from lmms_talo.outputs.report_reader import run_of
 
         folder = Path(report_path).parent if report_path else Path(tempfile.mkdtemp())
-        png = run_heatmap(run_of(dict(report), folder / "talo_report.json"), folder / "talo_interaction_heatmap.png", "TaLo probe gains")
+        png = run_heatmap(
+            run_of(dict(report), folder / "talo_report.json"),
+            folder / "talo_interaction_heatmap.png",
+            "TaLo probe gains",
+        )
         payload["talo/interaction_heatmap"] = wandb.Image(str(png))
     run.log(payload)
     return True

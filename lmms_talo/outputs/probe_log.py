@@ -19,13 +19,14 @@ report. What the log cannot redo is said in each sub-task's `rescore_note`: roun
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lmms_talo.method.config import TaloArgumentError, TaloConfig
 from lmms_talo.method.interventions import Knockout
-from lmms_talo.outputs.report import GroupReport, decision_fields, round_entry
 from lmms_talo.method.rules import RoundOutcome, RuleError, SelectionRule
+from lmms_talo.outputs.report import GroupReport, decision_fields, round_entry
 
 PROBE_LOG_SUFFIX = "_talo_probe"
 SUBTASK_FIELDS = ("task", "subtask", "request_type", "candidate_layers", "selected_layers", "selection_reason")
@@ -42,13 +43,21 @@ def is_probe_log(path: Path) -> bool:
 # --- writing ---
 
 
-def probe_log_rows(group_report: Any, selection: Any, sweep: Any, split: Any, config: Mapping, model: Mapping) -> list[dict]:
+def probe_log_rows(
+    group_report: Any, selection: Any, sweep: Any, split: Any, config: Mapping, model: Mapping
+) -> list[dict]:
     """The rows of one probed sub-task: `group_report` a decided GroupReport (lmms_talo.outputs.report),
     `selection` its Selection, `sweep` the LayerSweep that holds every pass (every rank's, merged),
     `split` its ProbeSplit (the units' docs)."""
-    header = {"kind": "subtask", **{name: getattr(group_report, name) for name in SUBTASK_FIELDS},
-              "rounds": [{"round": r["round"], "drawn": r["drawn"], "probe_docs": r["probe_docs"]} for r in group_report.rounds],
-              "config": dict(config), "model": dict(model)}
+    header = {
+        "kind": "subtask",
+        **{name: getattr(group_report, name) for name in SUBTASK_FIELDS},
+        "rounds": [
+            {"round": r["round"], "drawn": r["drawn"], "probe_docs": r["probe_docs"]} for r in group_report.rounds
+        ],
+        "config": dict(config),
+        "model": dict(model),
+    }
     rows = [header]
     units = {str(u): u for u in split.pool_units}
 
@@ -56,8 +65,16 @@ def probe_log_rows(group_report: Any, selection: Any, sweep: Any, split: Any, co
         for key in map(str, keys):
             unit = units[key]
             score, responses = sweep.record(label, unit)
-            row = {"kind": "pass", "subtask": group_report.subtask, "stage": stage, "variant": label, "unit": key,
-                   "doc_ids": list(split.docs_of(unit)), "responses": responses, "score": score}
+            row = {
+                "kind": "pass",
+                "subtask": group_report.subtask,
+                "stage": stage,
+                "variant": label,
+                "unit": key,
+                "doc_ids": list(split.docs_of(unit)),
+                "responses": responses,
+                "score": score,
+            }
             if sweep.statistic is not None:
                 row["statistic"] = sweep.statistic(unit, responses)
             rows.append(row)
@@ -89,7 +106,9 @@ def read_probe_log(path: Path) -> dict[str, tuple[dict, list[dict]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ProbeLogError(f"{path}:{number} is not JSON ({exc}): pass a *{PROBE_LOG_SUFFIX}.jsonl written by a TaLo run") from exc
+            raise ProbeLogError(
+                f"{path}:{number} is not JSON ({exc}): pass a *{PROBE_LOG_SUFFIX}.jsonl written by a TaLo run"
+            ) from exc
         kind = row.get("kind") if isinstance(row, dict) else None
         if kind == "subtask":
             groups[row["subtask"]] = (row, [])
@@ -98,7 +117,10 @@ def read_probe_log(path: Path) -> dict[str, tuple[dict, list[dict]]]:
                 raise ProbeLogError(f"{path}:{number}: a pass of {row.get('subtask')!r} before its subtask row")
             groups[row["subtask"]][1].append(row)
         else:
-            raise ProbeLogError(f"{path}:{number} is neither a 'subtask' nor a 'pass' row: pass a *{PROBE_LOG_SUFFIX}.jsonl written by a TaLo run")
+            raise ProbeLogError(
+                f"{path}:{number} is neither a 'subtask' nor a 'pass' row: "
+                f"pass a *{PROBE_LOG_SUFFIX}.jsonl written by a TaLo run"
+            )
     if not groups:
         raise ProbeLogError(f"{path} holds no probed sub-task")
     return groups
@@ -121,12 +143,17 @@ def _scores(passes: list[dict], stage: str, key: str) -> dict[str, dict[str, flo
     return table
 
 
-def _decide(rule: SelectionRule, docs: list, base: Mapping, layers: Mapping[int, Mapping], stats: Mapping | None, name: str) -> RoundOutcome:
+def _decide(
+    rule: SelectionRule, docs: list, base: Mapping, layers: Mapping[int, Mapping], stats: Mapping | None, name: str
+) -> RoundOutcome:
     statistic = None
     if rule.stat != "score":
         if stats is None or "base" not in stats:
             raise ProbeLogError(f"{name}: select_stat={rule.stat} needs each pass's 'statistic', and the log has none")
-        statistic = ({d: stats["base"][str(d)] for d in docs}, {layer: {d: stats[str(layer)][str(d)] for d in docs} for layer in layers})
+        statistic = (
+            {d: stats["base"][str(d)] for d in docs},
+            {layer: {d: stats[str(layer)][str(d)] for d in docs} for layer in layers},
+        )
     return rule.decide(docs, base, layers, stream=name, statistic=statistic)
 
 
@@ -142,31 +169,51 @@ def rescore_subtask(header: dict, passes: list[dict], rule: SelectionRule) -> di
         missing = [d for d in docs if str(d) not in scores["base"]]
         if missing:
             raise ProbeLogError(f"{name}: round {drawn['round']} has no base-model pass for {missing}")
-        on_docs = lambda table: {d: table[str(d)] for d in docs}
-        layers = {layer: on_docs(scores[str(layer)]) for layer in header["candidate_layers"]
-                  if all(str(d) in scores.get(str(layer), {}) for d in docs)}
+        on_docs = lambda table, docs=docs: {d: table[str(d)] for d in docs}  # used in this iteration only
+        layers = {
+            layer: on_docs(scores[str(layer)])
+            for layer in header["candidate_layers"]
+            if all(str(d) in scores.get(str(layer), {}) for d in docs)
+        }
         outcome = _decide(rule, docs, on_docs(scores["base"]), layers, stats or None, name)
         rounds.append(round_entry(drawn["round"], drawn["drawn"], outcome))
         if outcome.cleared:
             break
     if not outcome.cleared and len(rounds) == len(header["rounds"]) and header["selected_layers"]:
-        notes.append("no recorded round clears the threshold under these scores; the run stopped at the round "
-                     "that decided it, so the rounds it would have drawn next are not in the log")
+        notes.append(
+            "no recorded round clears the threshold under these scores; the run stopped at the round "
+            "that decided it, so the rounds it would have drawn next are not in the log"
+        )
     if len(rounds) < len(header["rounds"]):
-        notes.append(f"decided at round {rounds[-1]['round']}; the run went on to round {header['rounds'][-1]['round']}")
+        notes.append(
+            f"decided at round {rounds[-1]['round']}; the run went on to round {header['rounds'][-1]['round']}"
+        )
     if any(row["stage"] == "search" for row in passes):
         notes.append("the multi-layer search is not redone: its stages' passes are in probe_doc_scores as run")
     pool = sorted({d for row in passes for d in map(str, row["doc_ids"])})
-    report = GroupReport(header["task"], name, None, header["request_type"], pool, 0,
-                         candidate_layers=list(header["candidate_layers"]), rounds=rounds, **decision_fields(outcome))
+    report = GroupReport(
+        header["task"],
+        name,
+        None,
+        header["request_type"],
+        pool,
+        0,
+        candidate_layers=list(header["candidate_layers"]),
+        rounds=rounds,
+        **decision_fields(outcome),
+    )
     report.probe_doc_scores = dict(scores)
     for label, table in _scores(passes, "search", "score").items():
         report.probe_doc_scores.setdefault(label, {}).update(table)
     if rule.confirms and outcome.selected is not None:
         report.record_confirmation(_reconfirm(rule, [outcome.selected], passes, name))
     report.selected_layers = [] if report.selected_layer is None else [report.selected_layer]
-    return {**report.to_dict(), "recorded_selected_layers": list(header["selected_layers"]),
-            "recorded_selection_reason": header["selection_reason"], "rescore_note": "; ".join(notes)}
+    return {
+        **report.to_dict(),
+        "recorded_selected_layers": list(header["selected_layers"]),
+        "recorded_selection_reason": header["selection_reason"],
+        "rescore_note": "; ".join(notes),
+    }
 
 
 def _reconfirm(rule: SelectionRule, selected: list[int], passes: list[dict], name: str):

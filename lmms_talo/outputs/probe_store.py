@@ -15,11 +15,11 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lmms_talo.logs import log
-
 
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
@@ -59,9 +59,14 @@ def task_config_identity(task: Any, talo_args: set[str]) -> str:
 def request_kwargs(requests: Iterable) -> list[str]:
     """The distinct keyword dicts (generation kwargs) among the requests' arguments, as text: the
     CLI's --gen_kwargs and the task's generation_kwargs both end up there."""
-    return sorted({
-        json.dumps(arg, sort_keys=True, default=str) for request in requests for arg in request.args if isinstance(arg, dict)
-    })
+    return sorted(
+        {
+            json.dumps(arg, sort_keys=True, default=str)
+            for request in requests
+            for arg in request.args
+            if isinstance(arg, dict)
+        }
+    )
 
 
 def pool_content(task: Any, pool: Iterable, requests_of: Any) -> str:
@@ -76,7 +81,10 @@ def pool_content(task: Any, pool: Iterable, requests_of: Any) -> str:
 
 
 def default_state_dir() -> Path:
-    root = os.environ.get("LMMS_TALO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmms_talo"
+    root = (
+        os.environ.get("LMMS_TALO_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmms_talo"
+    )
     return Path(root) / "probe_results"
 
 
@@ -135,7 +143,10 @@ class ProbeStore:
         for label, count in other_versions.items():
             log.warning(
                 "lmms-talo: %d probe results in %s were written under other versions (%s; now %s): recomputing them",
-                count, self.path, label, json.dumps(self.versions, sort_keys=True),
+                count,
+                self.path,
+                label,
+                json.dumps(self.versions, sort_keys=True),
             )
 
     def get(self, variant: str, doc: Any) -> tuple[float, list] | None:
@@ -146,10 +157,37 @@ class ProbeStore:
         if self.path is None:
             return
         line = json.dumps(
-            {"fp": self.fingerprint, "variant": variant, "doc": str(doc), "score": score,
-             "responses": [_to_json(r) for r in responses], "versions": self.versions}
+            {
+                "fp": self.fingerprint,
+                "variant": variant,
+                "doc": str(doc),
+                "score": score,
+                "responses": [_to_json(r) for r in responses],
+                "versions": self.versions,
+            }
         )
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def group_store(group, config, report) -> ProbeStore:
+    """A sub-task's probe store (group: lmms_talo.harness.grouping.TaloGroup), keyed by everything
+    that can change a probe answer: the model and its harness class and args (report: the run's
+    TaloReport), the task config and generation kwargs, the pool docs' content, the intervention,
+    seed, shots and request type. Results written under other library versions are not reused."""
+    state_dir = config.state_dir or default_state_dir()
+    fingerprint = {
+        "model": report.model_identity,
+        "harness_model": report.harness_model,
+        "task": group.name,
+        "task_config": task_config_identity(group.task, type(config).arg_names()),
+        "gen_kwargs": request_kwargs(r for reqs in group.doc_requests.values() for r in reqs),
+        "pool_content": pool_content(group.task, group.split.pool, group.doc_requests.__getitem__),
+        "intervention": config.intervention,
+        "seed": config.seed,
+        "shots": config.probe_shots,
+        "reqtype": group.reqtype,
+    }
+    return ProbeStore(None if state_dir == "none" else state_dir, fingerprint, report.versions)

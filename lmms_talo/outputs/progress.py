@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from lmms_talo.logs import log
 
@@ -29,7 +29,9 @@ class ProbeProgress:
             self.bar = tqdm(total=planned, desc=f"TaLo probe passes ({label})", unit="pass", file=sys.stderr)
 
     @classmethod
-    def start(cls, label: str, subtasks: int, unprobed: int, variants: int, planned: int, *, main: bool, verbose: bool) -> "ProbeProgress":
+    def start(
+        cls, label: str, subtasks: int, unprobed: int, variants: int, planned: int, *, main: bool, verbose: bool
+    ) -> ProbeProgress:
         if main and subtasks:
             log.info(
                 f"TaLo ({label}): {subtasks} sub-task(s) to probe ({unprobed} not probed), {variants} variants each "
@@ -49,8 +51,10 @@ class ProbeProgress:
         """`passes` more passes, `seconds` each."""
         self.passes += passes
         if self.passes == passes:
-            log.info(f"TaLo ({self.label}): one probe pass took {seconds:.2f} s: round 0 of every sub-task needs about "
-                     f"{seconds * self.planned / 60:.1f} min")
+            log.info(
+                f"TaLo ({self.label}): one probe pass took {seconds:.2f} s: round 0 of every sub-task needs about "
+                f"{seconds * self.planned / 60:.1f} min"
+            )
         if self.bar is not None:
             self.bar.total = max(self.bar.total, self.passes)
             self.bar.update(passes)
@@ -58,4 +62,3 @@ class ProbeProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-

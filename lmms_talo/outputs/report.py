@@ -14,11 +14,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmms_talo.method.interventions import Knockout
+from lmms_talo.method.interventions import Knockout, VariantLabel
+
+if TYPE_CHECKING:
+    from lmms_talo.harness.heldout import HeldOutScores
 from lmms_talo.logs import log
-
 
 SCHEMA_VERSION = 2  # 2: test.score is the benchmark metric; the per-doc mean moved to doc_mean
 
@@ -67,22 +69,32 @@ def round_entry(index: int, drawn: str, outcome: Any, pruned: dict | None = None
     """One probe round as the report keeps it: its units and why they were drawn, and the rule's
     decision on them (a RoundOutcome) with its per-layer statistics."""
     o = outcome
-    return {"round": index, "drawn": drawn, "size": len(o.probe_docs),
-            "probe_docs": list(o.probe_docs), "baseline": o.baseline,
-            "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
-            "selected": o.selected, "reason": o.reason,
-            "evidence": {str(k): v for k, v in o.evidence.items()},
-            "p_values": {str(k): v for k, v in o.p_values.items()},
-            "holm_p": {str(k): v for k, v in o.holm.items()},
-            "pruned": {str(k): p.to_dict() for k, p in (pruned or {}).items()}}
+    return {
+        "round": index,
+        "drawn": drawn,
+        "size": len(o.probe_docs),
+        "probe_docs": list(o.probe_docs),
+        "baseline": o.baseline,
+        "layer_scores": {str(k): v for k, v in o.layer_scores.items()},
+        "selected": o.selected,
+        "reason": o.reason,
+        "evidence": {str(k): v for k, v in o.evidence.items()},
+        "p_values": {str(k): v for k, v in o.p_values.items()},
+        "holm_p": {str(k): v for k, v in o.holm.items()},
+        "pruned": {str(k): p.to_dict() for k, p in (pruned or {}).items()},
+    }
 
 
 def decision_fields(final: Any) -> dict:
     """A sub-task's decision as the report keeps it, from the round the rounds ended on."""
-    return {"selected_layer": final.selected, "selection_reason": final.reason, "tied_layers": list(final.tied_layers),
-            "interaction_vector": {str(k): v for k, v in final.gains.items()},
-            "interaction_holm_p": {str(k): v for k, v in final.holm.items()},
-            "probe_docs": list(final.probe_docs)}
+    return {
+        "selected_layer": final.selected,
+        "selection_reason": final.reason,
+        "tied_layers": list(final.tied_layers),
+        "interaction_vector": {str(k): v for k, v in final.gains.items()},
+        "interaction_holm_p": {str(k): v for k, v in final.holm.items()},
+        "probe_docs": list(final.probe_docs),
+    }
 
 
 @dataclass
@@ -99,8 +111,12 @@ class GroupReport:
     selection_reason: str = ""
     tied_layers: list = field(default_factory=list)
     interaction_vector: dict = field(default_factory=dict)
-    interaction_holm_p: dict = field(default_factory=dict)  # per layer: its paired test's p on the deciding round, Holm-adjusted
-    confirmation: dict = field(default_factory=dict)  # select_rule=confirm: docs, both scores, statistic, p, kept and why
+    interaction_holm_p: dict = field(
+        default_factory=dict
+    )  # per layer: its paired test's p on the deciding round, Holm-adjusted
+    confirmation: dict = field(
+        default_factory=dict
+    )  # select_rule=confirm: docs, both scores, statistic, p, kept and why
     probe_docs: list = field(default_factory=list)
     probe_doc_scores: dict = field(default_factory=dict)
     forced: bool = False
@@ -113,7 +129,9 @@ class GroupReport:
     probe_docs_computed: int = 0
     probe_docs_reused: int = 0
     sweep_mode: str = "full"  # full: every layer on every probe doc; select: pruned (see rounds[].pruned)
-    sweep_replay: dict = field(default_factory=dict)  # prefix replay's counters and status: "on" / "disabled (reason)" (lmms_talo.method.prefix_replay)
+    sweep_replay: dict = field(
+        default_factory=dict
+    )  # prefix replay's counters and status: "on" / "disabled (reason)" (lmms_talo.method.prefix_replay)
     test: dict = field(default_factory=dict)  # "talo" / "base" -> test entry (see _test_entry)
     selected_layers: list = field(default_factory=list)  # the knockout evaluated: [selected_layer] or more
     layer_stages: list = field(default_factory=list)  # multi-layer search steps (lmms_talo.method.greedy_search)
@@ -122,11 +140,18 @@ class GroupReport:
     screen: list = field(default_factory=list)  # sweep=screen, per screened round: estimates, exact layers, spearman
 
     @classmethod
-    def start(cls, group) -> "GroupReport":
+    def start(cls, group) -> GroupReport:
         return cls(
-            task=group.task_name, subtask=group.name, category=group.category, request_type=group.reqtype,
-            pool=list(group.split.pool), test_doc_count=len(group.split.test), unit_field=group.fields.unit,
-            unit_docs={str(u): list(group.split.docs_of(u)) for u in group.split.pool_units} if group.split.unit_docs else {},
+            task=group.task_name,
+            subtask=group.name,
+            category=group.category,
+            request_type=group.reqtype,
+            pool=list(group.split.pool),
+            test_doc_count=len(group.split.test),
+            unit_field=group.fields.unit,
+            unit_docs={str(u): list(group.split.docs_of(u)) for u in group.split.pool_units}
+            if group.split.unit_docs
+            else {},
         )
 
     def decided(self, selection) -> None:
@@ -180,17 +205,18 @@ class GroupReport:
     def evaluated(self, seconds: float) -> None:
         self.eval_seconds = seconds
 
-    def scored(self, which: str, doc_scores: dict, pool: set, metrics: dict, metric: str | None) -> None:
-        self.test[which] = self._test_entry(doc_scores, pool, metrics, metric)
+    def scored(self, which: str, scores: HeldOutScores) -> None:
+        """`which`: "talo" (the selected knockout) or "base" (compare_base)."""
+        self.test[which] = self._test_entry(*scores)
 
-    def scored_variant(self, label: str, doc_scores: dict, pool: set, metrics: dict, metric: str | None) -> None:
-        self.test_variants[label] = self._test_entry(doc_scores, pool, metrics, metric)
+    def scored_variant(self, label: VariantLabel, scores: HeldOutScores) -> None:
+        self.test_variants[label] = self._test_entry(*scores)
 
     @staticmethod
     def _test_entry(doc_scores: dict, pool: set, metrics: dict, metric: str | None) -> dict:
-        """`metrics`: 'metric,filter' -> the task's own aggregate over the test docs (lmms_talo.harness.benchmark_metric);
-        `metric`: its primary key. `score` is that metric, in the benchmark's own scale (MMBench: %);
-        `doc_mean` the plain mean of the per-doc scores in [0, 1]."""
+        """`metrics`: 'metric,filter' -> the task's own aggregate over the test docs
+        (lmms_talo.harness.benchmark_metric); `metric`: its primary key. `score` is that metric, in the
+        benchmark's own scale (MMBench: %); `doc_mean` the plain mean of the per-doc scores in [0, 1]."""
         test_scores = {d: s for d, s in doc_scores.items() if d not in pool}
         value = metrics.get(metric) if metric else None
         return {
@@ -229,13 +255,18 @@ class TaloReport:
     path: Path | None = None
 
     @classmethod
-    def start(cls, lmm, config, model_args: dict) -> "TaloReport":
+    def start(cls, lmm, config, model_args: dict) -> TaloReport:
         """`model_args`: the args the harness model class got, TaLo's removed."""
         from lmms_talo.outputs.probe_store import library_versions
 
         harness = harness_model(lmm, model_args)
-        return cls(model_identity(lmm.model), config.to_dict(), type(lmm).__name__, harness,
-                   library_versions(harness["harness"]))
+        return cls(
+            model_identity(lmm.model),
+            config.to_dict(),
+            type(lmm).__name__,
+            harness,
+            library_versions(harness["harness"]),
+        )
 
     def add(self, group: GroupReport) -> None:
         self.groups.append(group)
@@ -284,8 +315,10 @@ def summary_table(report: dict) -> str:
     test docs (named in `metric`; "(judge)": not computed, it needs a judge); the doc-mean columns are
     the plain means of the per-doc scores. `holm p`: the paired test's Holm-adjusted p-value of the
     selected layer (else of the layer with the best probe gain): above 0.05, its gain could be noise."""
-    head = (f"{'sub-task':40} {'layer':>5} {'gain':>7} {'holm p':>6} {'probe':>6} {'test n':>6} {'metric':>22} {'TaLo':>7} "
-            f"{'base':>7} {'diff':>7} {'mean T':>7} {'mean B':>7}")
+    head = (
+        f"{'sub-task':40} {'layer':>5} {'gain':>7} {'holm p':>6} {'probe':>6} {'test n':>6} {'metric':>22} {'TaLo':>7} "
+        f"{'base':>7} {'diff':>7} {'mean T':>7} {'mean B':>7}"
+    )
     lines = [head, "-" * len(head)]
     for g in report["subtasks"]:
         layer = Knockout(tuple(g["selected_layers"])).label if g["selected_layers"] else "-"
@@ -298,8 +331,8 @@ def summary_table(report: dict) -> str:
             return "-" if x is None else format(x, spec)
 
         lines.append(
-            f"{g['subtask'][:40]:40} {layer:>5} {fmt(gain, '+.3f'):>7} {fmt(_holm_p(g), '.3f'):>6} {fmt(base_probe):>6} "
-            f"{talo.get('n', 0):>6} {_metric_label(talo)[:22]:>22} {fmt(talo.get('score')):>7} "
+            f"{g['subtask'][:40]:40} {layer:>5} {fmt(gain, '+.3f'):>7} {fmt(_holm_p(g), '.3f'):>6} "
+            f"{fmt(base_probe):>6} {talo.get('n', 0):>6} {_metric_label(talo)[:22]:>22} {fmt(talo.get('score')):>7} "
             f"{fmt(base.get('score')):>7} {fmt(g.get('test_difference'), '+.3f'):>7} "
             f"{fmt(talo.get('doc_mean')):>7} {fmt(base.get('doc_mean')):>7}"
         )

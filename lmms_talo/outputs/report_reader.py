@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from lmms_talo.method.interventions import Knockout
-from lmms_talo.outputs.probe_log import ProbeLogError, is_probe_log, report_from_probe_log
 from lmms_talo.method.rules import RoundOutcome, SelectionRule, make_rule
+from lmms_talo.outputs.probe_log import ProbeLogError, is_probe_log, report_from_probe_log
 
 REPORT_NAME = "talo_report.json"
 SPLIT_KEYS = ("probe_shots", "seed", "granularity", "category_field", "stratify_field")
@@ -49,7 +49,9 @@ def find_reports(paths: Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             inside = sorted(path.rglob(REPORT_NAME))
             if not inside:
-                raise ReportError(f"{path} holds no {REPORT_NAME}: pass the report file or the --output_path of a TaLo run")
+                raise ReportError(
+                    f"{path} holds no {REPORT_NAME}: pass the report file or the --output_path of a TaLo run"
+                )
             found.extend(inside)
         else:
             raise ReportError(f"{path} does not exist: pass a {REPORT_NAME} or a folder that contains one")
@@ -139,7 +141,10 @@ class Subtask:
 
     @property
     def selected_label(self) -> str:
-        return label_of(self.data.get("selected_layers") or ([] if self.data.get("selected_layer") is None else [self.data["selected_layer"]]))
+        return label_of(
+            self.data.get("selected_layers")
+            or ([] if self.data.get("selected_layer") is None else [self.data["selected_layer"]])
+        )
 
     def probe_scores(self, label: str) -> dict[str, float]:
         return self.data["probe_doc_scores"][label]
@@ -218,8 +223,12 @@ class Run:
         name = name or c.get("select_rule", "gain")
         confirming = {"base_rule": c.get("select_base_rule", "gain")} if name == "confirm" else {}
         return make_rule(
-            name, threshold=c.get("threshold", 0.0), alpha=c.get("select_alpha", 0.05),
-            resamples=c.get("select_resamples", 1000), seed=c.get("seed", 0), **confirming,
+            name,
+            threshold=c.get("threshold", 0.0),
+            alpha=c.get("select_alpha", 0.05),
+            resamples=c.get("select_resamples", 1000),
+            seed=c.get("seed", 0),
+            **confirming,
         )
 
     @property

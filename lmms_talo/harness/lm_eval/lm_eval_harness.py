@@ -8,9 +8,10 @@ Nothing here imports lmms-eval.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lmms_talo.harness import evaluation_scope
 from lmms_talo.harness.base import Harness, remember_own_scoring
@@ -54,7 +55,8 @@ class LmEval(Harness):
         evaluation_scope.wrap_evaluate(evaluator, _scope)
         remember_own_scoring(Task)
         EvaluationTracker.save_results_samples = with_probe_log(
-            EvaluationTracker.save_results_samples, lambda date, task: (f"samples_{task}_{date}.jsonl", f"samples_{task}_talo_probe_{date}.jsonl")
+            EvaluationTracker.save_results_samples,
+            lambda date, task: (f"samples_{task}_{date}.jsonl", f"samples_{task}_talo_probe_{date}.jsonl"),
         )
 
     def request(self, task: Any, request_type: str, arguments: Sequence[Any], idx: int, metadata: Any) -> Any:

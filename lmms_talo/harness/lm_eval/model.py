@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from lm_eval.models.huggingface import HFLM
 
-from lmms_talo.harness.mixin import TaloMixin
 from lmms_talo.harness.lm_eval.lm_eval_harness import LM_EVAL
+from lmms_talo.harness.mixin import TaloMixin
 
 MODEL_NAME = "talo_hf"
 
@@ -30,5 +30,5 @@ def register() -> None:
     import lm_eval.models  # noqa: F401  (fills the registry first: lm-eval only does so when it is empty)
     from lm_eval.api.registry import model_registry
 
-    if MODEL_NAME not in model_registry.keys():
+    if MODEL_NAME not in model_registry:
         model_registry.register(MODEL_NAME, target=TaloHFLM)

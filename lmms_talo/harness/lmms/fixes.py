@@ -4,8 +4,8 @@ llava_hf.loglikelihood (lmms-eval 0.7.3) measures the context length by running 
 the prompt text without its images; transformers 5 rejects an `<image>` token with no image, so
 every likelihood-scored task (seedbench_ppl, any multiple_choice task) fails. The repair passes the
 images to both calls and compares each continuation token with the argmax of the logits at the
-position before it (the original is off by one); the prompt format and the returned (mean loss, is_greedy) convention are
-lmms-eval's own, so multiple_choice tasks score exactly as lmms-eval intends.
+position before it (the original is off by one); the prompt format and the returned (mean loss, is_greedy)
+convention are lmms-eval's own, so multiple_choice tasks score exactly as lmms-eval intends.
 
 lmms-eval 0.7.3's evaluator turns every loglikelihood result into a string (`unwrap_output` below
 keeps it); that repair is applied for the duration of a TaLo model's evaluation only.
@@ -35,8 +35,12 @@ class LlavaHfLoglikelihood:
                 self.tokenizer.chat_template = self.chat_template
             prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             full = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-            inputs = self._image_processor(text=[full], images=visuals, return_tensors="pt").to(self._device, self.model.dtype)
-            context_len = self._image_processor(text=[prompt], images=visuals, return_tensors="pt")["input_ids"].shape[1]
+            inputs = self._image_processor(text=[full], images=visuals, return_tensors="pt").to(
+                self._device, self.model.dtype
+            )
+            context_len = self._image_processor(text=[prompt], images=visuals, return_tensors="pt")["input_ids"].shape[
+                1
+            ]
             labels = inputs["input_ids"].clone()
             labels[:, :context_len] = -100
             with torch.inference_mode():
@@ -57,7 +61,12 @@ def unwrap_output(output):
     scoring then fails for every model."""
     from lmms_eval.api.instance import unwrap_generation_output
 
-    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], bool) and not isinstance(output[0], str):
+    if (
+        isinstance(output, tuple)
+        and len(output) == 2
+        and isinstance(output[1], bool)
+        and not isinstance(output[0], str)
+    ):
         return output, None
     return unwrap_generation_output(output)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lmms_talo.harness import evaluation_scope
 from lmms_talo.harness.base import Harness, remember_own_scoring
-from lmms_talo.outputs.harness_annotations import with_probe_log
 from lmms_talo.harness.lmms.fixes import loglikelihood_outputs_kept, unwrap_output
+from lmms_talo.outputs.harness_annotations import with_probe_log
 
 
 @contextlib.contextmanager
@@ -18,8 +19,12 @@ def _scope(lm, task_dict: dict, kwargs: dict):
     from lmms_talo.harness.mixin import TaloMixin
 
     repairs = loglikelihood_outputs_kept() if isinstance(lm, TaloMixin) else contextlib.nullcontext()
-    scope = evaluation_scope.evaluation(evaluation_scope.tasks_of(task_dict), kwargs.get("cli_args"), kwargs.get("limit"),
-                                        kwargs.get("log_samples", True))
+    scope = evaluation_scope.evaluation(
+        evaluation_scope.tasks_of(task_dict),
+        kwargs.get("cli_args"),
+        kwargs.get("limit"),
+        kwargs.get("log_samples", True),
+    )
     with scope, repairs:
         yield
 
@@ -37,7 +42,8 @@ class LmmsEval(Harness):
         evaluation_scope.wrap_evaluate(evaluator, _scope)
         remember_own_scoring(Task)
         EvaluationTracker.save_results_samples = with_probe_log(
-            EvaluationTracker.save_results_samples, lambda date, task: (f"{date}_samples_{task}.jsonl", f"{date}_samples_{task}_talo_probe.jsonl")
+            EvaluationTracker.save_results_samples,
+            lambda date, task: (f"{date}_samples_{task}.jsonl", f"{date}_samples_{task}_talo_probe.jsonl"),
         )
 
     def unwrap(self, output: Any) -> Any:

@@ -11,9 +11,9 @@ import importlib
 
 from lmms_eval.api.model import lmms
 
-from lmms_talo.harness.mixin import TaloMixin
 from lmms_talo.harness.lmms.fixes import BASE_FIXES
 from lmms_talo.harness.lmms.lmms_eval_harness import LMMS_EVAL
+from lmms_talo.harness.mixin import TaloMixin
 
 _CLASSES: dict[str, type] = {}
 
@@ -23,7 +23,11 @@ def talo_class(base_cls: type, attribute: str, base_name: str = "") -> type:
     module under `attribute`."""
     if attribute not in _CLASSES:
         fixes = (BASE_FIXES[base_name],) if base_name in BASE_FIXES else ()
-        cls = type(f"Talo{base_cls.__name__}", (TaloMixin, *fixes, base_cls), {"__module__": __name__, "talo_harness": LMMS_EVAL})
+        cls = type(
+            f"Talo{base_cls.__name__}",
+            (TaloMixin, *fixes, base_cls),
+            {"__module__": __name__, "talo_harness": LMMS_EVAL},
+        )
         cls.__qualname__ = attribute
         _CLASSES[attribute] = cls
     return _CLASSES[attribute]

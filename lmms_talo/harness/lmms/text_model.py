@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +182,10 @@ class CausalLM(lmms):
         longest = max(len(c) for c in continuations)
         rest = None
         if longest > 1:
-            # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (argument and output)
-            cache = out["cache"] if "cache" in out else out.past_key_values
+            # transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (argument and output).
+            # Not out.get("cache", out.past_key_values): that reads the default eagerly, and on 5.24
+            # `past_key_values` is a deprecated alias that logs a warning (an output may also lack it).
+            cache = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401 (lazy fallback)
             cache.batch_repeat_interleave(len(continuations))
             pad = self._tokenizer.pad_token_id
             rows = [c[:-1] + [pad] * (longest - len(c)) for c in continuations]
@@ -210,9 +212,14 @@ class CausalLM(lmms):
         ids = torch.tensor([c + [self._tokenizer.pad_token_id] * (width - len(c)) for c in contexts], device=device)
         mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in contexts], device=device)
         last = torch.tensor([[len(c) - 1] for c in contexts], device=device)
-        logprobs = F.log_softmax(self._model(ids, attention_mask=mask, logits_to_keep=last).logits[:, 0].float(), dim=-1)
+        logprobs = F.log_softmax(
+            self._model(ids, attention_mask=mask, logits_to_keep=last).logits[:, 0].float(), dim=-1
+        )
         best = logprobs.argmax(dim=-1)
-        return [[(logprobs[row, t].item(), bool(best[row].item() == t)) for t in row_tokens] for row, row_tokens in enumerate(tokens)]
+        return [
+            [(logprobs[row, t].item(), bool(best[row].item() == t)) for t in row_tokens]
+            for row, row_tokens in enumerate(tokens)
+        ]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         by_context: dict[tuple, list] = defaultdict(list)  # context ids -> [(request index, continuation ids)]
@@ -220,7 +227,9 @@ class CausalLM(lmms):
             context, continuation = request.args[0], request.args[1]
             context_ids, continuation_ids = self.encode_pair(self.prompt(context), continuation)
             if not continuation_ids:
-                raise ModelArgumentError(f"empty continuation after tokenisation for request {index} ({continuation!r})")
+                raise ModelArgumentError(
+                    f"empty continuation after tokenisation for request {index} ({continuation!r})"
+                )
             by_context[tuple(context_ids)].append((index, continuation_ids))
         results: list = [None] * len(requests)
 
@@ -232,7 +241,9 @@ class CausalLM(lmms):
         single = sorted((c for c, m in by_context.items() if all(len(ids) == 1 for _, ids in m)), key=len)
         for start in range(0, len(single), self.batch_size_per_gpu):
             chunk = single[start : start + self.batch_size_per_gpu]
-            batch = self._score_next_tokens([list(c) for c in chunk], [[ids[0] for _, ids in by_context[c]] for c in chunk])
+            batch = self._score_next_tokens(
+                [list(c) for c in chunk], [[ids[0] for _, ids in by_context[c]] for c in chunk]
+            )
             for context, scores in zip(chunk, batch):
                 store(by_context[context], scores)
         batched = set(single)
@@ -248,7 +259,9 @@ class CausalLM(lmms):
         gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = int(gen_kwargs.pop("max_new_tokens", None) or gen_kwargs.pop("max_gen_toks", None) or DEFAULT_MAX_NEW_TOKENS)
+        max_new_tokens = int(
+            gen_kwargs.pop("max_new_tokens", None) or gen_kwargs.pop("max_gen_toks", None) or DEFAULT_MAX_NEW_TOKENS
+        )
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         for key in ("top_p", "top_k", "num_beams", "repetition_penalty"):
