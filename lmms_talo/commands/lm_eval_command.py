@@ -21,11 +21,11 @@ def output_path(argv: list[str]) -> str | None:
 def run(argv: list[str]) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    from lmms_talo.harness.lm_eval import harness
+    from lmms_talo.harness.lm_eval import lm_eval_harness
     from lmms_talo.harness.lm_eval.model import register
 
     register()
-    harness.set_output_path(output_path(argv))
+    lm_eval_harness.set_output_path(output_path(argv))
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:

@@ -12,7 +12,9 @@ are ignored with a warning, never trusted.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import marshal
 import os
 import re
 from collections.abc import Iterable
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmms_talo.logs import log
+from lmms_talo.outputs.model_identity import cache_root
 
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
@@ -30,30 +33,50 @@ def fingerprint_of(payload: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def library_versions(harness: str | None) -> dict:
-    """The installed releases whose changes can change an answer or its score: lmms-talo itself (its
-    scoring, the screen's estimates), transformers, torch, the harness."""
-    from importlib.metadata import PackageNotFoundError, version
+def _function_identity(function: Any) -> str:
+    """A task function by its code, not only its name: its source where it can be read, else its bytecode."""
+    try:
+        code = inspect.getsource(function).encode()
+    except (OSError, TypeError):
+        compiled = getattr(function, "__code__", None)
+        code = marshal.dumps(compiled) if compiled is not None else repr(function).encode()
+    name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}"
+    return f"<function {name} sha256:{hashlib.sha256(code).hexdigest()[:16]}>"
 
-    versions = {}
-    for name in ("lmms-talo", "transformers", "torch", *([harness] if harness else [])):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
+
+def _with_code(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _with_code(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_with_code(v) for v in value]
+    if callable(value) and not isinstance(value, type):
+        return _function_identity(value)
+    return value
 
 
 def task_config_identity(task: Any, talo_args: set[str]) -> str:
-    """The task's config as fingerprint text, minus what varies between runs without changing the
-    docs or prompts: function reprs' memory addresses, and TaLo's own args, which lm-eval copies
-    (with every model arg) into each task's `metadata` (those that matter are fingerprinted apart)."""
+    """The task's config as fingerprint text: its functions (process_results, doc_to_visual, ...) by
+    their code, minus what varies between runs without changing the docs or prompts: reprs' memory
+    addresses, and TaLo's own args, which lm-eval copies (with every model arg) into each task's
+    `metadata` (those that matter are fingerprinted apart)."""
     if not hasattr(task, "dump_config"):
         return ""
     config = dict(task.dump_config())
     if isinstance(config.get("metadata"), dict):
         config["metadata"] = {k: v for k, v in config["metadata"].items() if k not in talo_args}
-    return _ADDRESS.sub("", repr(sorted(config.items())))
+    for name in (
+        "process_results",
+        "doc_to_visual",
+        "doc_to_text",
+        "doc_to_target",
+        "doc_to_choice",
+        "doc_to_messages",
+        "process_docs",
+    ):
+        function = getattr(getattr(task, "config", None), name, None)
+        if callable(function):
+            config[name] = function
+    return _ADDRESS.sub("", repr(sorted(_with_code(config).items())))
 
 
 def request_kwargs(requests: Iterable) -> list[str]:
@@ -72,7 +95,7 @@ def request_kwargs(requests: Iterable) -> list[str]:
 def pool_content(task: Any, pool: Iterable, requests_of: Any) -> str:
     """A digest of what the probe docs are: each pool doc's request texts (the prompt, the options)
     and its target. A changed data file or --limit under the same task config changes it, so stored
-    scores of a doc id are never reused for another doc. Images are not hashed (see the README)."""
+    scores of a doc id are never reused for another doc. Images are not hashed (see docs/reliability.md)."""
     items = []
     for doc in pool:
         texts = [arg for request in requests_of(doc) for arg in request.args if isinstance(arg, (str, int, float))]
@@ -81,11 +104,7 @@ def pool_content(task: Any, pool: Iterable, requests_of: Any) -> str:
 
 
 def default_state_dir() -> Path:
-    root = (
-        os.environ.get("LMMS_TALO_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmms_talo"
-    )
-    return Path(root) / "probe_results"
+    return cache_root() / "probe_results"
 
 
 def _to_json(response: Any) -> Any:
