@@ -10,8 +10,9 @@ the built-in functions it wraps.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lmms_talo.harness.pool_exclusion import SubTaskDocs, aggregate_test_docs, marked_results, slug
 
@@ -52,8 +53,12 @@ MMSTAR = Benchmark(
     dataset="Lin-Chen/MMStar (val)",
     field="category",
     categories=_each(
-        "coarse perception", "fine-grained perception", "instance reasoning",
-        "logical reasoning", "science & technology", "math",
+        "coarse perception",
+        "fine-grained perception",
+        "instance reasoning",
+        "logical reasoning",
+        "science & technology",
+        "math",
     ),
     stratify_field="l2_category",
     metric="average",
@@ -70,12 +75,26 @@ MMBENCH_EN_DEV = Benchmark(
     dataset="lmms-lab-encoder/MMBench (en, dev)",
     field="category",
     categories=_each(
-        "image_style", "image_scene", "image_emotion", "image_quality", "image_topic",
-        "object_localization", "attribute_recognition", "celebrity_recognition", "ocr",
-        "spatial_relationship", "attribute_comparison", "action_recognition",
-        "physical_property_reasoning", "function_reasoning", "identity_reasoning",
-        "social_relation", "physical_relation", "nature_relation",
-        "structuralized_imagetext_understanding", "future_prediction",
+        "image_style",
+        "image_scene",
+        "image_emotion",
+        "image_quality",
+        "image_topic",
+        "object_localization",
+        "attribute_recognition",
+        "celebrity_recognition",
+        "ocr",
+        "spatial_relationship",
+        "attribute_comparison",
+        "action_recognition",
+        "physical_property_reasoning",
+        "function_reasoning",
+        "identity_reasoning",
+        "social_relation",
+        "physical_relation",
+        "nature_relation",
+        "structuralized_imagetext_understanding",
+        "future_prediction",
     ),
     stratify_field=None,
     metric="gpt_eval_score",
@@ -90,13 +109,21 @@ MMMU_SUBJECTS = {  # MMMU's disciplines and their subjects (as in lmms-eval's mm
     "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
     "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
     "Health and Medicine": (
-        "Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
+        "Basic_Medical_Science",
+        "Clinical_Medicine",
+        "Diagnostics_and_Laboratory_Medicine",
+        "Pharmacy",
         "Public_Health",
     ),
     "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
     "Tech and Engineering": (
-        "Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics", "Energy_and_Power",
-        "Materials", "Mechanical_Engineering",
+        "Agriculture",
+        "Architecture_and_Engineering",
+        "Computer_Science",
+        "Electronics",
+        "Energy_and_Power",
+        "Materials",
+        "Mechanical_Engineering",
     ),
 }
 
@@ -135,12 +162,30 @@ SCIENCEQA_IMG = Benchmark(
     dataset="lmms-lab-encoder/ScienceQA (ScienceQA-IMG, test)",
     field="category",
     categories=_each(
-        "Geography", "State capitals", "Oceans and continents", "Oceania: geography",
-        "The Americas: geography", "Physical Geography", "Magnets", "Velocity, acceleration, and forces",
-        "Particle motion and energy", "Solutions", "Materials", "Atoms and molecules", "Adaptations",
-        "Classification", "Scientific names", "Heredity", "Weather and climate", "Designing experiments",
-        "Engineering practices", "Basic economic principles", "Ecosystems", "Ecological interactions",
-        "Colonial America", "Rocks and minerals",
+        "Geography",
+        "State capitals",
+        "Oceans and continents",
+        "Oceania: geography",
+        "The Americas: geography",
+        "Physical Geography",
+        "Magnets",
+        "Velocity, acceleration, and forces",
+        "Particle motion and energy",
+        "Solutions",
+        "Materials",
+        "Atoms and molecules",
+        "Adaptations",
+        "Classification",
+        "Scientific names",
+        "Heredity",
+        "Weather and climate",
+        "Designing experiments",
+        "Engineering practices",
+        "Basic economic principles",
+        "Ecosystems",
+        "Ecological interactions",
+        "Colonial America",
+        "Rocks and minerals",
     ),
     stratify_field=None,
     metric="exact_match",
@@ -151,8 +196,14 @@ SCIENCEQA_IMG = Benchmark(
 )
 
 SEED_IMAGE_TYPES = {  # SEED-Bench question_type_id of the nine image dimensions
-    "scene understanding": 1, "instance identity": 2, "instance attributes": 3, "instance location": 4,
-    "instances counting": 5, "spatial relation": 6, "instance interaction": 7, "visual reasoning": 8,
+    "scene understanding": 1,
+    "instance identity": 2,
+    "instance attributes": 3,
+    "instance location": 4,
+    "instances counting": 5,
+    "spatial relation": 6,
+    "instance interaction": 7,
+    "visual reasoning": 8,
     "text understanding": 9,
 }
 

@@ -133,9 +133,7 @@ class AnalysisBuilder:
             numbers.append(asdict(row) | {"difference": row.difference})
         self.doc.table(["sub-task", "test docs", "base %", "TaLo %", "Δ pp", "layer(s)"], rows)
         if any(s.test_score("base") is None for s in run.subtasks):
-            self.doc.paragraph(
-                "Base scores missing: run TaLo with `compare_base=true` to score the full model on the test docs."
-            )
+            self.doc.paragraph("Base scores missing: " + _why_unscored(run, "compare_base"))
         self.numbers["runs"][run.key]["table"] = numbers
 
     def heatmap(self, run: Run) -> None:
@@ -317,10 +315,7 @@ class AnalysisBuilder:
         self.doc.heading("Cross-task transfer", 3)
         matrix = transfer_matrix(run)
         if not matrix.sources or np.isnan(matrix.gains).all():
-            self.doc.paragraph(
-                "Not computed: run TaLo with `transfer=true` (or `test_all_layers=true`) to score each "
-                "sub-task's test docs under the other sub-tasks' selected layers."
-            )
+            self.doc.paragraph("Not computed: " + _why_unscored(run, "transfer"))
             return
         self.figure(
             f"{run.key}_transfer",
@@ -348,7 +343,7 @@ class AnalysisBuilder:
         if matrix.unselected:
             text += f" Kept the full model (no row): {', '.join(matrix.unselected)}."
         if np.isnan(matrix.gains).any():
-            text += " Cells marked - were not scored: run TaLo with `transfer=true` to score them."
+            text += " Cells marked - were not scored: " + _why_unscored(run, "transfer")
         self.doc.paragraph(text)
         self.numbers["runs"][run.key]["transfer"] = {
             "sources": matrix.sources,
@@ -515,3 +510,24 @@ def _plain(value):
     if isinstance(value, np.generic):
         value = value.item()
     return None if missing(value) else value
+
+
+def _why_unscored(run: Run, arg: str) -> str:
+    """Why test scores a section needs are missing, and what would give them: never advice to use
+    an arg the run already used."""
+    if run.from_probe_log:
+        return "a probe log holds the probe passes only, no test scores; analyze the run's talo_report.json for them."
+    if arg == "transfer" and run.config.get("transfer"):
+        return (
+            "the run had `transfer=true`, and transfer stays within one request type: the harness answers "
+            "generation and likelihood tasks in separate calls, so a selection is applied to the sub-tasks of "
+            "its own request type only."
+        )
+    if run.config.get(arg):
+        return f"the run had `{arg}=true`; the task's metric gave no score for these docs (e.g. a judge metric)."
+    if arg == "transfer":
+        return (
+            "run TaLo with `transfer=true` (or `test_all_layers=true`) to score each sub-task's test docs "
+            "under the other sub-tasks' selected layers."
+        )
+    return "run TaLo with `compare_base=true` to score the full model on the test docs."

@@ -26,11 +26,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.task:
             raise SystemExit("lmms-talo export: --from-report needs --task <task or sub-task name>")
         try:
-            layer, intervention = selection_from_report(args.from_report, args.task)
+            layers, intervention = selection_from_report(args.from_report, args.task)
         except ExportError as exc:
             raise SystemExit(f"lmms-talo export: {exc}") from None
     else:
-        layer, intervention = args.layer, args.intervention
-    out = export(args.pretrained, layer, intervention, args.out, args.dtype, args.trust_remote_code)
-    print(f"wrote {out}: layer {layer} knocked out ({intervention}); config.talo records it")
+        layers, intervention = (args.layer,), args.intervention
+    out = export(args.pretrained, layers, intervention, args.out, args.dtype, args.trust_remote_code)
+    named = "layer" if len(layers) == 1 else "layers"
+    print(f"wrote {out}: {named} {'+'.join(map(str, layers))} knocked out ({intervention}); config.talo records it")
     return 0

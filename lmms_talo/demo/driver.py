@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lmms_talo.analysis.figures import run_heatmap
 from lmms_talo.demo import bigbench, smollm2, summary
-from lmms_talo.outputs.probe_store import default_state_dir
+from lmms_talo.outputs.model_identity import cache_root
 from lmms_talo.outputs.report_reader import run_of
 
 
@@ -63,11 +63,6 @@ DEFAULT_TASKS = (
 )
 DEFAULT_SHOTS = 8
 DEFAULT_ROUNDS = 2  # probe-set draws per task; the paper redraws up to 5 times (TaLo's own default)
-
-
-def cache_root() -> Path:
-    """The lmms-talo cache (LMMS_TALO_CACHE, else ~/.cache/lmms_talo): the probe store's parent."""
-    return default_state_dir().parent
 
 
 @dataclass

@@ -79,6 +79,11 @@ def remember_own_scoring(task_class: type) -> None:
     task_class.override_metric = overriding
 
 
+def scoring_replaced(task: Any) -> bool:
+    """Whether the harness replaced the task's scoring (--predict_only)."""
+    return hasattr(task, "_talo_own_scoring")
+
+
 @contextlib.contextmanager
 def own_scoring(task: Any) -> Iterator[None]:
     """The task's own scoring while the block runs (where --predict_only replaced it), then the

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lmms_talo.harness import evaluation_scope
-from lmms_talo.harness.base import Harness
+from lmms_talo.harness.base import Harness, scoring_replaced
 from lmms_talo.harness.pool_exclusion import check_task_split
 from lmms_talo.logs import log
 from lmms_talo.method.config import TaloConfig
@@ -123,10 +123,15 @@ def group_requests(
 
 
 def harness_run_args() -> dict:
-    """The harness's --limit and --predict_only of this evaluation, as the report records them."""
+    """The harness's --limit and --predict_only of this evaluation, as the report records them.
+    --predict_only is read off the tasks (the harness replaced their scoring: lmms_talo.harness.base),
+    so lm-eval's, which reaches no CLI args TaLo sees, is recorded too."""
     scope = evaluation_scope.current()
     limit = int(scope.limit) if isinstance(scope.limit, float) and scope.limit.is_integer() else scope.limit
-    return {"limit": limit, "predict_only": bool(getattr(scope.cli_args, "predict_only", False))}
+    predict_only = bool(getattr(scope.cli_args, "predict_only", False)) or any(
+        scoring_replaced(task) for task in scope.tasks.values()
+    )
+    return {"limit": limit, "predict_only": predict_only}
 
 
 def log_pre_pass(reqtype: str, groups: list[TaloGroup], fields_by_task: dict, config: TaloConfig) -> None:

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from lmms_talo.harness.grouping import TaloGroup
     from lmms_talo.outputs.report import GroupReport
 
-# Answers the requests under a knockout (None: the full model), as the base class gives them.
-RunPass = Callable[[Sequence, "Knockout | None"], list]
+# Answers the requests under a knockout (None: the full model) for the group's report.
+RunPass = Callable[[Sequence, "Knockout | None", "GroupReport"], list]
 
 
 class HeldOutScores(NamedTuple):
@@ -80,5 +80,5 @@ def score_test_variants(
                 report.test_variants[label] = done[label]
                 continue
             knockout = Knockout(layers, intervention) if layers else None
-            answers = run_pass(test_requests, knockout)
+            answers = run_pass(test_requests, knockout, report)
             report.scored_variant(label, heldout_scores(group, test_requests, answers, scorer, ranks))

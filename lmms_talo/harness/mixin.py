@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from lmms_talo.harness import evaluation_scope
+from lmms_talo.harness.answer_cache import AnswerCache, variant_key
 from lmms_talo.harness.base import Harness, own_scoring
 from lmms_talo.harness.failures import raise_on_failure, watch_failures, watched_modules
 from lmms_talo.harness.grouping import TaloGroup, fresh_copy, group_requests, harness_run_args, log_pre_pass
@@ -31,7 +32,7 @@ from lmms_talo.logs import log
 from lmms_talo.memory import process_memory
 from lmms_talo.method.backbone import decoder_layers, unwrap
 from lmms_talo.method.config import TaloArgumentError, TaloConfig
-from lmms_talo.method.interventions import Knockout, check_layers, knocked_out
+from lmms_talo.method.interventions import BASE, Knockout, check_layers, knocked_out
 from lmms_talo.method.parallel import current_ranks
 from lmms_talo.method.prefix_replay import PrefixReplay
 from lmms_talo.method.screen import task_screen
@@ -53,6 +54,11 @@ class TaloMixin:
     class's harness in `talo_harness`."""
 
     talo_harness: Harness
+    talo_answer_cache: AnswerCache | None = None  # the harness's response cache, during a cached call
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """A harness's cache hook is not taken: it would file knocked-out answers under the full
+        model's key. TaLo's answers are cached under its own (lmms_talo.harness.answer_cache)."""
 
     def __init__(self, **kwargs):
         self.talo = TaloConfig.pop_from(kwargs)
@@ -259,14 +265,14 @@ class TaloMixin:
         self._talo_write_report()  # a crash later keeps the selection
 
         started = time.perf_counter()
-        answers = self._talo_run_base(base_method, group_requests, knockout, strict=False)
+        answers = self._talo_answers(base_method, group_requests, knockout, report)
         report.evaluated(time.perf_counter() - started)
         self._talo_score_test(group, group_requests, answers, report, scorer, "talo")
         if self.talo.compare_base:
             test_docs = set(group.split.test)
             base_requests = [r for r in group_requests if r.doc_id in test_docs]
             base_answers = (
-                self._talo_run_base(base_method, base_requests, None, strict=False)
+                self._talo_answers(base_method, base_requests, None, report)
                 if knockout
                 else [a for r, a in zip(group_requests, answers) if r.doc_id in test_docs]
             )
@@ -285,10 +291,36 @@ class TaloMixin:
         wanted = {()}
         if self.talo.transfer:
             wanted |= {tuple(report.selected_layers) for _, _, report in answered}
+            if self.talo_ranks.is_main:
+                reqtype = answered[0][0].reqtype if answered else "this request type"
+                log.info(
+                    f"TaLo ({reqtype}): transfer applies each selection to the sub-tasks of this request "
+                    f"type only; the harness answers generation and likelihood tasks in separate calls"
+                )
         if self.talo.test_all_layers:
             wanted |= {(layer,) for layer in self.talo_candidate_layers}
 
-        def run_pass(requests, knockout):
-            return self._talo_run_base(base_method, requests, knockout, strict=False)
+        def run_pass(requests, knockout, report):
+            return self._talo_answers(base_method, requests, knockout, report)
 
         score_test_variants(answered, wanted, self.talo.intervention, run_pass, self.talo_ranks)
+
+    def _talo_answers(self, base_method: Callable, requests: Sequence, knockout: Knockout | None, report) -> list:
+        """Answers of real (not probe) requests under `knockout`: from the harness's response cache
+        under TaLo's key where one serves this call, else from the base class."""
+
+        def compute(todo: Sequence) -> list:
+            return self._talo_run_base(base_method, todo, knockout, strict=False)
+
+        if self.talo_answer_cache is None:
+            return compute(requests)
+        key = variant_key(
+            self.talo_report.model_identity,
+            self.talo_report.harness_model,
+            self.talo_report.versions,
+            knockout.label if knockout else BASE,
+            self.talo.intervention,
+        )
+        answers, served = self.talo_answer_cache.answers(requests, key, compute)
+        report.answers_from_cache += sum(self.talo_ranks.all_gather(served))  # every rank answers its own share
+        return answers

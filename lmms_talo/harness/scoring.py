@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmms_talo.method.option_logprobs import gold_option
+from lmms_talo.method.subtasks import declared_fields
 
 
 class ScoringError(RuntimeError):
@@ -55,17 +56,24 @@ RECORD_SCORERS: dict[str, Callable[[dict], float]] = {
 }
 
 
-def _as_score(metric: str, value: Any) -> float | None:
+def _as_score(metric: str, value: Any, percent: frozenset = frozenset()) -> float | None:
+    """A per-doc score in [0, 1]; a metric the task declares a percentage (`percent`) is divided by
+    100. Any other value outside [0, 1] (a 1-10 rating, a CIDEr above 1) is an error, never rescaled."""
     if isinstance(value, (bool, numbers.Real)):
         score = float(value)
     elif isinstance(value, dict) and metric in RECORD_SCORERS:
         score = RECORD_SCORERS[metric](value)
     else:
         return None
-    if score > 1.0 and score <= 100.0:  # percent-scaled metrics
+    if metric in percent:
         score /= 100.0
     if not 0.0 <= score <= 1.0:
-        raise ScoringError(f"metric {metric!r} gave {score}, outside [0, 1]: TaLo needs per-doc scores in [0, 1]")
+        raise ScoringError(
+            f"metric {metric!r} gave {score:g} for a doc, outside [0, 1]: TaLo compares per-doc scores in [0, 1]. "
+            f"If {metric!r} is a percentage, declare it in the task's config: "
+            f"`metadata: {{talo: {{percent_metrics: [{metric}]}}}}`; otherwise use a task whose "
+            f"process_results scores each doc in [0, 1]"
+        )
     return score
 
 
@@ -84,10 +92,15 @@ class TaskScorer:
     task: Any  # lmms-eval / lm-eval Task
     task_name: str
 
+    @property
+    def percent_metrics(self) -> frozenset:
+        """Metrics the task config declares percentages: `metadata: {talo: {percent_metrics: [...]}}`."""
+        return frozenset(declared_fields(self.task).get("percent_metrics") or ())
+
     def primary_metric(self, sample: dict) -> str:
         declared = [m["metric"] if isinstance(m, dict) else m for m in (self.task.config.metric_list or [])]
         for metric in declared + list(sample):
-            if metric in sample and _as_score(metric, sample[metric]) is not None:
+            if metric in sample and _as_score(metric, sample[metric], self.percent_metrics) is not None:
                 return metric
         raise ScoringError(
             f"task {self.task_name!r} has no metric TaLo can score per doc: process_results gave "
@@ -104,7 +117,7 @@ class TaskScorer:
         """The doc's score from its records: the first filter pipeline's (the evaluator's primary one)."""
         sample = next(iter(records.values()))
         metric = self.primary_metric(sample)
-        return _as_score(metric, sample[metric])
+        return _as_score(metric, sample[metric], self.percent_metrics)
 
     def records(
         self, doc: dict, requests: Sequence[Any], responses: Sequence[Any], filters: Sequence | None = None

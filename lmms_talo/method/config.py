@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ def parse_layers(spec: Any) -> tuple[int, ...] | None:
     """'1-5', '1..5', '3;7;9', '2-4;8' (';' or '|' between items: ',' separates model args)."""
     if spec is None or spec == "" or spec == "auto":
         return None
+    if isinstance(spec, float) and spec.is_integer():  # the harness's arg parser reads "-1" as -1.0
+        spec = int(spec)
     if isinstance(spec, int):
         return (spec,)
     if isinstance(spec, (list, tuple)):
@@ -105,6 +108,14 @@ class TaloConfig:
 
     def __post_init__(self):
         check_intervention(self.intervention)
+        for name in ("threshold", "select_alpha"):
+            if not math.isfinite(getattr(self, name)):
+                raise TaloArgumentError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.state_dir == "":
+            raise TaloArgumentError(
+                "state_dir is empty: give the probe store's folder, leave state_dir out for the default "
+                "(~/.cache/lmms_talo/probe_results), or set state_dir=none to keep no store"
+            )
         if self.probe_shots < 1:
             raise TaloArgumentError(f"probe_shots must be at least 1, got {self.probe_shots}")
         if self.granularity not in GRANULARITIES:

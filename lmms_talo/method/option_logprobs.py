@@ -64,9 +64,23 @@ def _attention_window(model: nn.Module) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
+def plain_positions(model: nn.Module) -> bool:
+    """Whether the text backbone's positions are the plain 1D position ids the packed form restarts
+    per option. Multimodal rotary positions (Qwen-VL's get_rope_index, an `mrope_section`) are
+    computed from the image grid instead: such a model never packs."""
+    config = getattr(model.config, "text_config", None) or model.config
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    inner = getattr(model, "model", None)
+    return not (
+        any(hasattr(m, "get_rope_index") for m in (model, inner) if m is not None)
+        or (isinstance(rope, dict) and "mrope_section" in rope)
+    )
+
+
 def packable(model: nn.Module, options: list[Option]) -> bool:
     """Several options after one prompt with no padding in it (a padded prompt keeps the separate
-    way), the packed sequence within any sliding attention window (which the packed mask omits)."""
+    way), the packed sequence within any sliding attention window (which the packed mask omits),
+    on a model whose positions are plain 1D ids."""
     prompt = options[0][0]
     mask = prompt.get("attention_mask")
     window = _attention_window(model)
@@ -76,7 +90,16 @@ def packable(model: nn.Module, options: list[Option]) -> bool:
         and all(_same_prompt(prompt, p) for p, _ in options[1:])
         and (mask is None or bool(mask.all()))
         and (window is None or length <= window)
+        and plain_positions(model)
     )
+
+
+def item_kind(options: list[Option]) -> str:
+    """What a packing proof covers: items with or without images (any input beside the token ids),
+    with single-token or multi-token options."""
+    media = "text only" if _text_only(options[0][0]) else "with images"
+    tokens = "single-token options" if all(len(c) == 1 for _, c in options) else "multi-token options"
+    return f"{media}, {tokens}"
 
 
 def _prompt_extras(prompt: dict, appended: int) -> dict:
@@ -185,24 +208,31 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 class PackingCheck:
-    """Whether one sub-task's screen may pack its options: decided once, on the first packable item,
-    by computing that item both ways (no gradients) and comparing."""
+    """Whether one sub-task's screen may pack its options: decided per kind of item (item_kind), on
+    the first packable item of that kind, by computing it both ways (no gradients) and comparing."""
+
+    NOT_CHECKED = (
+        "not checked: no estimate was computed here for options after one shared prompt "
+        "(read from the store, or none shared one)"
+    )
 
     def __init__(self):
-        self.verdict: bool | None = None  # None: not checked
-        self.reason = (
-            "not checked: no estimate was computed here for options after one shared prompt "
-            "(read from the store, or none shared one)"
-        )
+        self.verdicts: dict[str, bool] = {}  # item kind -> packed or not
+        self.reasons: dict[str, str] = {}  # item kind -> the proof's outcome
 
     def allows(self, model: nn.Module, options: list[Option]) -> bool:
         if not packable(model, options):
             return False
-        if self.verdict is None:
-            self.verdict, self.reason = self._prove(model, options)
-            if not self.verdict:
-                logger.warning("sweep=screen: options are scored one by one for this sub-task: %s", self.reason)
-        return self.verdict
+        kind = item_kind(options)
+        if kind not in self.verdicts:
+            self.verdicts[kind], self.reasons[kind] = self._prove(model, options)
+            if not self.verdicts[kind]:
+                logger.warning("sweep=screen: %s are scored option by option here: %s", kind, self.reasons[kind])
+        return self.verdicts[kind]
+
+    def to_report(self) -> dict:
+        """`packed_options` (item kind -> packed) and `packing_check` (item kind -> why) of a screen entry."""
+        return {"packed_options": dict(self.verdicts), "packing_check": dict(self.reasons) or self.NOT_CHECKED}
 
     @staticmethod
     def _prove(model: nn.Module, options: list[Option]) -> tuple[bool, str]:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +71,24 @@ UNREPLAYABLE_CACHE_WRITES = ("update_conv_state", "update_recurrent_state", "upd
 RECORD = "record"
 # model -> why prefix replay was turned off for it: every later PrefixReplay of that model is inert.
 _DISABLED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+# Rotary embeddings whose state changes with the inputs they saw: a record of one call may not hold
+# for the next (transformers' dynamic_rope_update grows or resets inv_freq by sequence length).
+STATEFUL_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def stateful_module(model: nn.Module) -> str | None:
+    """Why replay cannot trust records on this model: a module that keeps state between calls."""
+    for name, module in model.named_modules():
+        rope_type = getattr(module, "rope_type", None)
+        kinds = set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}  # per layer type, or one
+        if kinds & set(STATEFUL_ROPE_TYPES):
+            return (
+                f"{name or type(module).__name__} keeps state between calls (rope_type={rope_type}): "
+                f"a recorded layer output may not hold for the next call"
+            )
+    return None
 
 
 def disabled_reason(model: nn.Module) -> str | None:
@@ -308,6 +327,9 @@ class PrefixReplay:
         self._active: _Recording | _Replaying | None = None
         self._in_vision = False
         self._warned: set[str] = set()
+        stateful = stateful_module(self.model)
+        if stateful is not None:
+            self.disable(stateful)
 
     def _find_vision_owner(self) -> nn.Module | None:
         """The multimodal model whose forward calls self.get_image_features and then its text model."""
@@ -384,6 +406,24 @@ class PrefixReplay:
     def forget(self) -> None:
         self.records.clear()
         self.vision_records.clear()
+
+    @contextlib.contextmanager
+    def logits_trace(self) -> Iterator[list[str]]:
+        """The SHA-256 of every model call's logits during the block, in call order: what the run-time
+        check compares beside the answers (a generated string or a score can hide a changed logit)."""
+        digests: list[str] = []
+
+        def hook(module, args, output):
+            logits = getattr(output, "logits", None)
+            if isinstance(logits, torch.Tensor):
+                data = logits.detach().float().cpu().contiguous().numpy().tobytes()
+                digests.append(hashlib.sha256(data).hexdigest())
+
+        handle = self.model.register_forward_hook(hook)
+        try:
+            yield digests
+        finally:
+            handle.remove()
 
     def _note(self, reason: str) -> None:
         if reason not in self._warned:

@@ -154,15 +154,18 @@ class SelectionRule:
         layer_doc_scores: Mapping[int, Mapping[Hashable, float]],
         stream: str = "",
         statistic: PairedValues | None = None,
+        family: int | None = None,
     ) -> RoundOutcome:
         """The rule's decision on one probe set; `reference` is the model the knockouts compete with
         (the full model, or the layers already knocked out in a multi-layer search). `statistic`:
-        (reference, per layer) values of the paired statistic when it is not the score (select_stat)."""
+        (reference, per layer) values of the paired statistic when it is not the score (select_stat).
+        `family`: the number of candidate layers when only some are in `layer_doc_scores` (select and
+        screen modes), so that the Holm p-values are over every candidate."""
         outcome = decide_round(probe_docs, reference, layer_doc_scores, self.threshold)
         if not outcome.gains:
             return outcome
         paired = statistic or (reference, layer_doc_scores)
-        outcome = dataclasses.replace(outcome, **paired_tests(probe_docs, *paired, self.seed, stream))
+        outcome = dataclasses.replace(outcome, **paired_tests(probe_docs, *paired, self.seed, stream, family))
         if not self.guarded:
             return outcome
         evidence = self.evidence(probe_docs, *paired, stream)
@@ -311,8 +314,8 @@ class Confirm(SelectionRule):
     def guarded(self) -> bool:
         return self.base.guarded
 
-    def decide(self, probe_docs, reference, layer_doc_scores, stream="", statistic=None) -> RoundOutcome:
-        return self.base.decide(probe_docs, reference, layer_doc_scores, stream, statistic)
+    def decide(self, probe_docs, reference, layer_doc_scores, stream="", statistic=None, family=None) -> RoundOutcome:
+        return self.base.decide(probe_docs, reference, layer_doc_scores, stream, statistic, family)
 
     def confirm(
         self, layers, docs, scores: PairedValues, statistic: PairedValues | None = None, stream: str = ""

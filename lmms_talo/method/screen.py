@@ -203,8 +203,10 @@ def doc_effects(
 # --- S's inputs from the harness's requests ---
 
 
-class _PromptTaken(Exception):
-    """Raised by the capture hook once the prompt's model call has been seen."""
+class _PromptTaken(BaseException):
+    """Raised by the capture hook once the prompt's model call has been seen. A BaseException: the
+    model classes' `except Exception` around generation (which logs "Error in generating") lets it
+    pass, so cutting the call short logs nothing."""
 
 
 def capture_prompt(model: nn.Module, run: Callable[[], Any]) -> dict:

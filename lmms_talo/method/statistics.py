@@ -54,11 +54,13 @@ def _sign_patterns(size: int) -> np.ndarray:
     return ((np.arange(2**size)[:, None] >> np.arange(size)) & 1) * 2.0 - 1.0
 
 
-def holm_adjusted(p_values: Mapping[Hashable, float]) -> dict:
+def holm_adjusted(p_values: Mapping[Hashable, float], family: int | None = None) -> dict:
     """Holm's step-down adjustment: each p-value as it must be read when all of them were tested
-    (family-wise error at most alpha over the candidate layers)."""
+    (family-wise error at most alpha over the candidate layers). `family`: the number of hypotheses
+    when some were not tested (layers pruned or screened out): those count as p = 1, ranked last,
+    which can only raise the others' adjusted p-values (conservative)."""
     ordered = sorted(p_values.items(), key=lambda item: item[1])
-    count, running, adjusted = len(ordered), 0.0, {}
+    count, running, adjusted = max(len(ordered), family or 0), 0.0, {}
     for rank, (key, p) in enumerate(ordered):
         running = max(running, min(1.0, (count - rank) * p))
         adjusted[key] = running
@@ -90,12 +92,14 @@ def paired_tests(
     layer_values: Mapping[int, Mapping[Hashable, float]],
     seed: int,
     stream: str,
+    family: int | None = None,
 ) -> dict:
     """Every candidate layer's one-sided paired test against the reference (paired_flip_p), and the
-    p-values Holm-adjusted over the candidates: which probe gains could be noise, for any rule."""
+    p-values Holm-adjusted over the candidates (`family` of them, when only some were run): which
+    probe gains could be noise, for any rule."""
     ref = [reference[d] for d in probe_docs]
     p_values = {
         layer: paired_flip_p(ref, [values[d] for d in probe_docs], seed, f"{stream}/{layer}")
         for layer, values in layer_values.items()
     }
-    return {"p_values": p_values, "holm": holm_adjusted(p_values)}
+    return {"p_values": p_values, "holm": holm_adjusted(p_values, family)}

@@ -94,8 +94,8 @@ class SweepResult:
     rounds: list[RoundOutcome]
     doc_scores: dict[str, dict] = field(default_factory=dict)  # variant label -> {doc: score}
     doc_stats: dict[str, dict] = field(default_factory=dict)  # variant label -> {doc: statistic}, with a statistic
-    docs_computed: int = 0  # (variant, doc) pairs run on the model in this process
-    docs_reused: int = 0  # pairs read back from the store
+    docs_computed: int = 0  # (variant, doc) pairs run on the model, every process's summed
+    docs_reused: int = 0  # pairs read back from the store, every process's summed
     seconds: float = 0.0
     mode: str = "full"
     pruned: list[dict[int, PrunedLayer]] = field(default_factory=list)  # per round (select mode)
@@ -255,21 +255,28 @@ class LayerSweep:
 
     def _checked_run(self, knockout: Knockout, doc: Hashable) -> tuple[float, list]:
         """Prefix replay's run-time self-check: the variant with replay and, the first time a pass of
-        this shape replays anything, in full; any difference (responses or score, exact) turns
-        replay off for the rest of the run, and the full result is kept. In a sweep (one sub-task,
+        this shape replays anything, in full; any difference (responses, score or any call's logits,
+        bit for bit) turns replay off for the rest of the run, and the full result is kept. In a sweep (one sub-task,
         one request type) every doc has the same shape as a rule: one extra full pass in all."""
         before = dataclasses.replace(self.replay.stats)
-        replayed = self._run(knockout, doc, True)
+        with self.replay.logits_trace() as replayed_logits:
+            replayed = self._run(knockout, doc, True)
         shape = self._pass_shape(before)
         if self.replay.stats.layers_replayed == before.layers_replayed or shape in self._checked_shapes:
             return replayed
-        full = self._run(knockout, doc, False)
+        with self.replay.logits_trace() as full_logits:
+            full = self._run(knockout, doc, False)
         self._checked_shapes.add(shape)
         self.replay.stats.checks += 1
         if not (replayed == full or repr(replayed) == repr(full)):  # repr: NaN equals NaN
             self.replay.disable(
                 f"on probe doc {doc}, knockout {knockout.label} with replay gave {replayed!r:.200}, in full "
                 f"{full!r:.200} (a transformers change replay does not follow, or a non-deterministic model)"
+            )
+        elif replayed_logits != full_logits:
+            self.replay.disable(
+                f"on probe doc {doc}, knockout {knockout.label} with replay gave the same answers as in full "
+                f"but other logits (a transformers change replay does not follow, or a non-deterministic model)"
             )
         return full
 
@@ -386,7 +393,7 @@ class LayerSweep:
         return self._known[(label, str(doc))]
 
     def _full_round(
-        self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str
+        self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str, family: int | None = None
     ) -> tuple[RoundOutcome, dict]:
         """Every layer (this rank's share) on every probe doc, doc by doc. With `skip_if_perfect`, while
         every doc so far has a perfect base score the baseline may be perfect, which skips the layers:
@@ -418,7 +425,7 @@ class LayerSweep:
             return self.rule.decide(probe, base, {}, stream), {}
         layer_scores = {layer: {d: rows[layer_label(layer)][d][0] for d in probe} for layer in layers}
         statistic = self.paired_statistic(BASE, {layer: layer_label(layer) for layer in layers}, probe, result)
-        return self.rule.decide(probe, base, layer_scores, stream, statistic), {}
+        return self.rule.decide(probe, base, layer_scores, stream, statistic, family), {}
 
     def _select_round(
         self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str
@@ -445,7 +452,9 @@ class LayerSweep:
         if not survivors:
             reason = f"no layer can gain more than the threshold {threshold:g}: every candidate was pruned"
             return RoundOutcome(tuple(probe), mean([base[d] for d in probe]), {}, {}, None, reason), pruner.pruned
-        outcome = self.rule.decide(probe, base, {layer: pruner.scores[layer] for layer in survivors}, stream)
+        outcome = self.rule.decide(
+            probe, base, {layer: pruner.scores[layer] for layer in survivors}, stream, family=len(layers)
+        )
         return outcome, pruner.pruned
 
     def _screen_estimates(self, probe, layers, intervention) -> dict:
@@ -493,7 +502,7 @@ class LayerSweep:
             predicted, totals, self.screen.top, self.screen.others, f"{self.screen.seed}:{stream}:{len(result.rounds)}"
         )
         exact = sorted(top + drawn)
-        outcome, pruned = self._full_round(probe, exact, intervention, result, False, stream)
+        outcome, pruned = self._full_round(probe, exact, intervention, result, False, stream, family=len(layers))
         gains = outcome.gains
         result.screen.append(
             {
@@ -504,11 +513,25 @@ class LayerSweep:
                 "random": drawn,
                 "exact_gains": {str(layer): gains[layer] for layer in exact},
                 "spearman": spearman([predicted[layer] for layer in exact], [gains[layer] for layer in exact]),
-                "packed_options": self.screen.packing.verdict,
-                "packing_check": self.screen.packing.reason,
+                **self.screen.packing.to_report(),
             }
         )
         return outcome, pruned
+
+    def _sum_over_ranks(self, result: SweepResult) -> None:
+        """The work counters of every process, summed (each rank ran a share of the layers)."""
+        parts = self.ranks.all_gather((result.docs_computed, result.docs_reused, result.replay))
+        result.docs_computed = sum(computed for computed, _, _ in parts)
+        result.docs_reused = sum(reused for _, reused, _ in parts)
+        stats = [replay for _, _, replay in parts if replay is not None]
+        if len(stats) > 1:
+            statuses = list(dict.fromkeys(s["status"] for s in stats))
+            result.replay = {
+                **{key: sum(s[key] for s in stats) for key in stats[0] if key != "status"},
+                "status": statuses[0]
+                if len(statuses) == 1
+                else "; ".join(f"rank {rank}: {s['status']}" for rank, s in enumerate(stats)),
+            }
 
     def run(
         self,
@@ -558,6 +581,7 @@ class LayerSweep:
                 probe_round = split.redraw(result.probe_rounds, perfect)
         if self.replay is not None:
             result.replay = dataclasses.asdict(self.replay.stats)
+        self._sum_over_ranks(result)
         result.doc_scores = _canonical(result, [r.docs for r in result.probe_rounds])
         result.seconds = time.perf_counter() - started
         return result

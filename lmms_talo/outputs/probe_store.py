@@ -39,7 +39,7 @@ def _function_identity(function: Any) -> str:
         code = inspect.getsource(function).encode()
     except (OSError, TypeError):
         compiled = getattr(function, "__code__", None)
-        code = marshal.dumps(compiled) if compiled is not None else repr(function).encode()
+        code = marshal.dumps(compiled) if compiled is not None else _ADDRESS.sub("", repr(function)).encode()
     name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}"
     return f"<function {name} sha256:{hashlib.sha256(code).hexdigest()[:16]}>"
 
@@ -105,6 +105,11 @@ def pool_content(task: Any, pool: Iterable, requests_of: Any) -> str:
 
 def default_state_dir() -> Path:
     return cache_root() / "probe_results"
+
+
+def store_folder(state_dir: str | None) -> str:
+    """The probe store's folder that `state_dir` (a model arg) means: "none" for no store."""
+    return "none" if state_dir == "none" else str(state_dir or default_state_dir())
 
 
 def _to_json(response: Any) -> Any:
@@ -196,7 +201,7 @@ def group_store(group, config, report) -> ProbeStore:
     that can change a probe answer: the model and its harness class and args (report: the run's
     TaloReport), the task config and generation kwargs, the pool docs' content, the intervention,
     seed, shots and request type. Results written under other library versions are not reused."""
-    state_dir = config.state_dir or default_state_dir()
+    state_dir = store_folder(config.state_dir)
     fingerprint = {
         "model": report.model_identity,
         "harness_model": report.harness_model,

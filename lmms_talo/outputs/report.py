@@ -21,29 +21,32 @@ from lmms_talo.method.interventions import Knockout, VariantLabel
 if TYPE_CHECKING:
     from lmms_talo.harness.heldout import HeldOutScores
 from lmms_talo.logs import log
+from lmms_talo.outputs.model_identity import device_models, library_versions, weights_identity
 
 SCHEMA_VERSION = 2  # 2: test.score is the benchmark metric; the per-doc mean moved to doc_mean
 
 
 def model_identity(model) -> dict:
-    """Name, class and a digest of a few weights: enough to tell two checkpoints apart cheaply; and
-    the dtypes and device types its parameters actually have (what the model args asked for may differ)."""
+    """Name, class, and a digest of everything that makes the model's answers: every weight (its
+    files' content, or its tensors), config, tokenizer, processor and chat template files
+    (lmms_talo.outputs.model_identity); the dtypes, device types and device models its parameters
+    actually have (what the model args asked for may differ)."""
     from lmms_talo.method.backbone import decoder_layers, unwrap
 
     model = unwrap(model)
-    sites = decoder_layers(model)
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for site in (sites[0], sites[-1]):
-        for param in site.attention_parameters():
-            digest.update(param.detach().float().cpu().numpy().tobytes()[:65536])
+    weights = weights_identity(model)
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    digest = hashlib.sha256(json.dumps([config, weights], sort_keys=True).encode())
     params = list(model.parameters())
     return {
         "name_or_path": getattr(model.config, "_name_or_path", ""),
         "class": type(model).__name__,
-        "num_layers": len(sites),
+        "num_layers": len(decoder_layers(model)),
         "digest": digest.hexdigest()[:16],
+        "weights": weights,
         "dtype": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
         "device_type": sorted({p.device.type for p in params}),
+        "device_model": device_models(model),
     }
 
 
@@ -126,6 +129,7 @@ class GroupReport:
     probe_stopped: str = ""  # why the probe rounds ended
     sweep_seconds: float = 0.0
     eval_seconds: float = 0.0
+    answers_from_cache: int = 0  # answers the harness's response cache served (lmms_talo.harness.answer_cache)
     probe_docs_computed: int = 0
     probe_docs_reused: int = 0
     sweep_mode: str = "full"  # full: every layer on every probe doc; select: pruned (see rounds[].pruned)
@@ -248,7 +252,7 @@ class TaloReport:
     config: dict
     model_class: str
     harness_model: dict = field(default_factory=dict)  # harness_model(): classes, form, model args
-    versions: dict = field(default_factory=dict)  # lmms_talo.outputs.probe_store.library_versions
+    versions: dict = field(default_factory=dict)  # lmms_talo.outputs.model_identity.library_versions
     harness_run: dict = field(default_factory=dict)  # the harness's --limit and --predict_only
     started: float = field(default_factory=time.time)
     groups: list = field(default_factory=list)
@@ -256,13 +260,14 @@ class TaloReport:
 
     @classmethod
     def start(cls, lmm, config, model_args: dict) -> TaloReport:
-        """`model_args`: the args the harness model class got, TaLo's removed."""
-        from lmms_talo.outputs.probe_store import library_versions
+        """`model_args`: the args the harness model class got, TaLo's removed. The config records
+        the probe store's folder actually used (or "none")."""
+        from lmms_talo.outputs.probe_store import store_folder
 
         harness = harness_model(lmm, model_args)
         return cls(
             model_identity(lmm.model),
-            config.to_dict(),
+            {**config.to_dict(), "state_dir": store_folder(config.state_dir)},
             type(lmm).__name__,
             harness,
             library_versions(harness["harness"]),

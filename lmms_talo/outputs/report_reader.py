@@ -91,6 +91,14 @@ class Subtask:
         return self.data.get("selected_layer")
 
     @property
+    def selected_layers(self) -> list[int]:
+        """Every knocked-out layer of the selection (max_layers > 1 may select several)."""
+        layers = self.data.get("selected_layers")
+        if layers is None and self.selected_layer is not None:
+            layers = [self.selected_layer]
+        return list(layers or [])
+
+    @property
     def selection_reason(self) -> str:
         return self.data.get("selection_reason", "")
 
@@ -203,6 +211,11 @@ class Run:
     @property
     def intervention(self) -> str:
         return self.config.get("intervention", "zero")
+
+    @property
+    def from_probe_log(self) -> bool:
+        """Re-decided from a probe log, which holds probe passes only: no test scores."""
+        return str(self.data.get("source", "")).startswith("probe log")
 
     def subtask(self, name: str) -> Subtask:
         """The sub-task named `name` (a sub-task or a task name)."""
