@@ -133,7 +133,7 @@ def sweep_stage(args, prepared, state_dir: Path, runs: Path, say) -> dict:
 RULE_VARIANTS = {  # study label -> TaLo config fields
     "gain": dict(select_rule="gain"),
     "sign_test": dict(select_rule="sign_test"),
-    "bootstrap": dict(select_rule="bootstrap"),
+    "maxt": dict(select_rule="maxt"),
     "confirm": dict(select_rule="confirm"),
     "confirm+margin": dict(select_rule="confirm", select_stat="margin"),  # margin on likelihood tasks only
 }

@@ -21,6 +21,7 @@ import inspect
 import numbers
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -95,10 +96,19 @@ def benchmark_metrics(task: Any, records_by_doc: Mapping[Any, Mapping[str, Mappi
     return {f"{metric},{key}": _aggregate(task, metric, collected[(metric, key)]) for metric, key in keys}
 
 
-def primary(task: Any, metrics: Mapping[str, Any]) -> tuple[str | None, float | None]:
-    """The first declared metric (under the first filter) and its value where it is a number."""
+def primary(
+    task: Any, metrics: Mapping[str, Any], records_by_doc: Mapping[Any, Mapping[str, Mapping[str, Any]]] | None = None
+) -> tuple[str | None, float | None]:
+    """The task's aggregate and its value where it is a number: the first declared metric (under the
+    first filter) whose records cover every scored doc in `records_by_doc`. A metric that covers
+    only some docs is a part of the task, not its aggregate: stock MMStar declares each category
+    before `average`, and a category's records exist only for that category's docs."""
+    complete = None
+    if records_by_doc:
+        counts = Counter(f"{m},{f}" for sample in records_by_doc.values() for f, rec in sample.items() for m in rec)
+        complete = {key for key, count in counts.items() if count == len(records_by_doc)}
     for name in declared_metrics(task) + [k.split(",")[0] for k in metrics]:
         for key, value in metrics.items():
-            if key.split(",")[0] == name:
+            if key.split(",")[0] == name and (complete is None or key in complete):
                 return key, value if isinstance(value, float) else None
     return None, None

@@ -59,6 +59,32 @@ class TaloGroup:
             yield doc, responses[cursor : cursor + n]
             cursor += n
 
+    def unit_requests(self, units: Sequence) -> list:
+        """The requests of these probe units' docs, unit by unit, each doc's in idx order."""
+        return [r for unit in units for d in self.split.docs_of(unit) for r in self.doc_requests[d]]
+
+    def by_unit(self, units: Sequence, outputs: Sequence) -> dict:
+        """unit -> its slice of `outputs`, the answers of unit_requests(units) in that order."""
+        sliced, cursor = {}, 0
+        for unit in units:
+            count = len(self.unit_requests([unit]))
+            sliced[unit] = outputs[cursor : cursor + count]
+            cursor += count
+        return sliced
+
+    def unit_score(self, scorer, unit, responses) -> float:
+        """A unit's score: its worst row's (right only if every row is: MMBench's circular rule)."""
+        return min(
+            scorer.score(self.task.eval_docs[d], self.doc_requests[d], rows)
+            for d, rows in self.rows_of(unit, responses)
+        )
+
+    def unit_margin(self, scorer, unit, responses, likelihood_is_loss: bool) -> float:
+        """select_stat=margin: a unit's worst row margin, as its score is its worst row's."""
+        return min(
+            scorer.margin(self.task.eval_docs[d], rows, likelihood_is_loss) for d, rows in self.rows_of(unit, responses)
+        )
+
     def split_docs(self, config: TaloConfig) -> ProbeSplit:
         """The probe split of this sub-task by the config's protocol; a forced layer needs none."""
         keys = self.docs()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from lmms_talo.harness.benchmark_metric import benchmark_metrics, primary
 from lmms_talo.harness.scoring import TaskScorer
+from lmms_talo.logs import log
 from lmms_talo.method.interventions import BASE, Knockout
 from lmms_talo.method.parallel import Ranks
 
@@ -54,10 +55,28 @@ def heldout_scores(
     """The answered docs scored, over all ranks: per doc, and by the task's own metrics on the test docs."""
     per_doc = ranks.merged(doc_scores(group, requests, answers, scorer))
     pool = set(group.split.pool)
-    metrics = benchmark_metrics(group.task, {d: records for d, (_, records) in per_doc.items() if d not in pool})
+    test_records = {d: records for d, (_, records) in per_doc.items() if d not in pool}
+    metrics = benchmark_metrics(group.task, test_records)
     return HeldOutScores(
-        {d: score for d, (score, _) in per_doc.items()}, pool, metrics, primary(group.task, metrics)[0]
+        {d: score for d, (score, _) in per_doc.items()}, pool, metrics, primary(group.task, metrics, test_records)[0]
     )
+
+
+def transfer_variants(answered: list, config, candidate_layers, log_it: bool) -> set[tuple[int, ...]]:
+    """The variants transfer / test_all_layers score: () the full model, each sub-task's selection
+    (transfer), each candidate layer (test_all_layers). Transfer stays within the call's request
+    type: the harness answers generation and likelihood tasks in separate calls."""
+    variants: set[tuple[int, ...]] = {()}
+    if config.transfer:
+        variants |= {tuple(report.selected_layers) for _, _, report in answered}
+        if log_it and answered:
+            log.info(
+                f"TaLo ({answered[0][0].reqtype}): transfer applies each selection to the sub-tasks of this "
+                f"request type only; the harness answers generation and likelihood tasks in separate calls"
+            )
+    if config.test_all_layers:
+        variants |= {(layer,) for layer in candidate_layers}
+    return variants
 
 
 def score_test_variants(

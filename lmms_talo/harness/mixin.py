@@ -26,7 +26,7 @@ from lmms_talo.harness.answer_cache import AnswerCache, variant_key
 from lmms_talo.harness.base import Harness, own_scoring
 from lmms_talo.harness.failures import raise_on_failure, watch_failures, watched_modules
 from lmms_talo.harness.grouping import TaloGroup, fresh_copy, group_requests, harness_run_args, log_pre_pass
-from lmms_talo.harness.heldout import heldout_scores, score_test_variants
+from lmms_talo.harness.heldout import heldout_scores, score_test_variants, transfer_variants
 from lmms_talo.harness.scoring import TaskScorer
 from lmms_talo.logs import log
 from lmms_talo.memory import process_memory
@@ -194,45 +194,27 @@ class TaloMixin:
         or all rows of one question), the task's own scoring scores each row, and a unit scores its
         worst row (right only if every row is: MMBench's circular rule). The config picks the sweep
         mode and prefix replay."""
-        split = group.split
-
-        def requests_of(unit) -> list:
-            return [r for d in split.docs_of(unit) for r in group.doc_requests[d]]
 
         def answer(knockout: Knockout | None, units: Sequence) -> dict:
-            flat = [r for u in units for r in requests_of(u)]
             with self._talo_progress.timed(len(units)):
-                outputs = self._talo_run_base(base_method, flat, knockout, strict=True)
-            by_unit, cursor = {}, 0
-            for u in units:
-                n = len(requests_of(u))
-                by_unit[u] = outputs[cursor : cursor + n]
-                cursor += n
-            return by_unit
+                outputs = self._talo_run_base(base_method, group.unit_requests(units), knockout, strict=True)
+            return group.by_unit(units, outputs)
 
-        def score(unit, responses) -> float:
-            return min(
-                scorer.score(group.task.eval_docs[d], group.doc_requests[d], rows)
-                for d, rows in group.rows_of(unit, responses)
-            )
-
-        def margin(unit, responses) -> float:
-            """select_stat=margin: a unit's worst row margin, as its score is its worst row's."""
-            loss = self.talo_harness.likelihood_is_loss
-            return min(scorer.margin(group.task.eval_docs[d], rows, loss) for d, rows in group.rows_of(unit, responses))
-
+        loss = self.talo_harness.likelihood_is_loss
         if self.talo.select_stat == "margin":
             scorer.check_margin()
         replay = PrefixReplay(self._talo_model(), max(self.talo_candidate_layers)) if self.talo.replay else None
         return LayerSweep(
             answer,
-            score,
+            lambda unit, responses: group.unit_score(scorer, unit, responses),
             group_store(group, self.talo, self.talo_report),
             mode=self.talo.sweep,
             replay=replay,
             ranks=self.talo_ranks,
             rule=self.talo_rule,
-            statistic=margin if self.talo.select_stat == "margin" else None,
+            statistic=(lambda unit, responses: group.unit_margin(scorer, unit, responses, loss))
+            if self.talo.select_stat == "margin"
+            else None,
             screen=task_screen(self, self._talo_model(), group, lambda r: base_method([fresh_copy(r)]), self.talo)
             if self.talo.sweep == "screen"
             else None,
@@ -286,24 +268,14 @@ class TaloMixin:
         report.scored(which, heldout_scores(group, group_requests, answers, scorer, self.talo_ranks))
 
     def _talo_score_test_variants(self, answered: list, base_method: Callable) -> None:
-        """transfer / test_all_layers: score each sub-task's test docs under the knockouts selected
-        for the other sub-tasks of this call and/or under every candidate layer, for offline analysis."""
-        wanted = {()}
-        if self.talo.transfer:
-            wanted |= {tuple(report.selected_layers) for _, _, report in answered}
-            if self.talo_ranks.is_main:
-                reqtype = answered[0][0].reqtype if answered else "this request type"
-                log.info(
-                    f"TaLo ({reqtype}): transfer applies each selection to the sub-tasks of this request "
-                    f"type only; the harness answers generation and likelihood tasks in separate calls"
-                )
-        if self.talo.test_all_layers:
-            wanted |= {(layer,) for layer in self.talo_candidate_layers}
+        """transfer / test_all_layers: each sub-task's test docs under the other sub-tasks' selections
+        and/or every candidate layer, for offline analysis (lmms_talo.harness.heldout)."""
 
         def run_pass(requests, knockout, report):
             return self._talo_answers(base_method, requests, knockout, report)
 
-        score_test_variants(answered, wanted, self.talo.intervention, run_pass, self.talo_ranks)
+        variants = transfer_variants(answered, self.talo, self.talo_candidate_layers, self.talo_ranks.is_main)
+        score_test_variants(answered, variants, self.talo.intervention, run_pass, self.talo_ranks)
 
     def _talo_answers(self, base_method: Callable, requests: Sequence, knockout: Knockout | None, report) -> list:
         """Answers of real (not probe) requests under `knockout`: from the harness's response cache
@@ -314,10 +286,11 @@ class TaloMixin:
 
         if self.talo_answer_cache is None:
             return compute(requests)
+        report_run = self.talo_report
         key = variant_key(
-            self.talo_report.model_identity,
-            self.talo_report.harness_model,
-            self.talo_report.versions,
+            report_run.model_identity,
+            report_run.harness_model,
+            report_run.versions,
             knockout.label if knockout else BASE,
             self.talo.intervention,
         )

@@ -88,7 +88,7 @@ class TaloConfig:
     report: str | None = None
     compare_base: bool = False
     state_dir: str | None = None
-    select_rule: str = "gain"  # gain (the paper's) | sign_test | bootstrap: see lmms_talo.method.rules
+    select_rule: str = "gain"  # gain (the paper's) | sign_test | maxt | confirm: see lmms_talo.method.rules
     select_alpha: float = 0.05
     select_resamples: int = 1000
     select_stat: str = (

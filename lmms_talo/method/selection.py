@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from lmms_talo.method.config import TaloConfig
 from lmms_talo.method.greedy_search import LayerStage, search_more_layers
-from lmms_talo.method.interventions import BASE, Knockout
+from lmms_talo.method.interventions import Knockout
 from lmms_talo.method.probe_split import ProbeSplit
 from lmms_talo.method.rules import Confirmation
 from lmms_talo.method.sweep import LayerSweep, SweepResult
@@ -75,8 +75,5 @@ def confirm_knockout(sweep: LayerSweep, split: ProbeSplit, result: SweepResult, 
     docs = split.unused_units(result.probe_rounds)
     cost = SweepResult((), [])
     scores = (sweep.doc_scores(None, docs, cost), sweep.doc_scores(knockout, docs, cost)) if docs else ({}, {})
-    statistic = sweep.paired_statistic(BASE, {"knocked": knockout.label}, docs, cost) if docs else None
-    if statistic is not None:
-        statistic = (statistic[0], statistic[1]["knocked"])
-    confirmation = sweep.rule.confirm(knockout.layers, docs, scores, statistic, stream=split.name)
+    confirmation = sweep.rule.confirm(knockout.layers, docs, scores, stream=split.name)
     return dataclasses.replace(confirmation, docs_computed=cost.docs_computed, docs_reused=cost.docs_reused)

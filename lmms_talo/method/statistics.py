@@ -1,5 +1,6 @@
 """The paired statistics behind the guarded selection rules (lmms_talo.method.rules): exact sign and
-sign-flip tests, Holm's adjustment over the candidate layers, and the paired bootstrap.
+sign-flip tests, Holm's adjustment over the candidate layers, the max-statistic sign-flip test, and
+the bootstrap resamples of the offline robustness analysis.
 
 Every function is pure: a statistic depends on the per-doc values and the seed only, so the report's
 per-doc records reproduce each decision offline.
@@ -73,13 +74,24 @@ def bootstrap_indices(n_docs: int, samples: int, seed: int, stream: str) -> np.n
     return rng.integers(0, n_docs, size=(samples, n_docs))
 
 
-def bootstrap_lower_bounds(differences: np.ndarray, indices: np.ndarray, alpha: float) -> np.ndarray:
-    """Per row of `differences` (layers x docs): the alpha-quantile of the mean paired difference
-    over the resamples. A resample's mean is its doc counts times the differences, over n."""
-    samples, n_docs = indices.shape
-    rows = (indices + n_docs * np.arange(samples)[:, None]).ravel()
-    counts = np.bincount(rows, minlength=samples * n_docs).reshape(samples, n_docs).astype(float)
-    return np.quantile(differences @ counts.T / n_docs, alpha, axis=1)
+def max_flip_p_values(
+    differences: np.ndarray, seed: int = 0, stream: str = "", samples: int = FLIP_SAMPLES
+) -> np.ndarray:
+    """Per row of `differences` (layers x docs): the family-wise adjusted p-value of the one-sided
+    max-statistic sign-flip test (Westfall and Young's single-step maxT). Each doc's differences are
+    flipped together across layers (the layers share the docs, and their dependence is kept); a
+    layer's p-value is the share of flips whose largest mean difference over all layers reaches its
+    own. Exact for up to EXACT_FLIP_LIMIT docs, else `samples` seeded flips with the
+    (hits + 1) / (samples + 1) correction."""
+    n_docs = differences.shape[1]
+    observed = differences.sum(axis=1)
+    tolerance = 1e-12 * np.abs(differences).sum(axis=1)
+    if n_docs <= EXACT_FLIP_LIMIT:
+        largest = (_sign_patterns(n_docs) @ differences.T).max(axis=1)
+        return np.array([np.mean(largest >= o - t) for o, t in zip(observed, tolerance)])
+    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
+    largest = (rng.choice((-1.0, 1.0), size=(samples, n_docs)) @ differences.T).max(axis=1)
+    return np.array([(np.sum(largest >= o - t) + 1) / (samples + 1) for o, t in zip(observed, tolerance)])
 
 
 # (reference values per doc, {layer: values per doc}) of a paired statistic

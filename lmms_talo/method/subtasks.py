@@ -35,6 +35,21 @@ KNOWN_FIELDS: dict[str, tuple[str, str | None]] = {
 # task-name prefix -> unit field (docs sharing its value are one probe unit)
 KNOWN_UNITS: dict[str, str] = {"mmbench": "mmbench_question", "talo_mmbench": "mmbench_question"}
 
+# task-name prefix -> (the report figure that compares with the paper's, why): the authors report
+# VLMEvalKit's Overall, plain accuracy over docs (docs/method.md, "Fidelity to the authors' code").
+PAPER_FIGURES: dict[str, tuple[str, str]] = {
+    "mmstar": ("doc_mean", "VLMEvalKit's Overall is plain accuracy; lmms-eval's score averages the l2 categories"),
+    "talo_mmstar": ("doc_mean", "VLMEvalKit's Overall is plain accuracy; lmms-eval's score averages the l2 categories"),
+    "mmbench": ("score", "circular accuracy over questions, in percent (talo_mmbench_en_dev)"),
+    "talo_mmbench": ("score", "circular accuracy over questions, in percent"),
+    "mmmu": ("score", "accuracy over docs (equals doc_mean)"),
+    "talo_mmmu": ("score", "accuracy over docs (equals doc_mean)"),
+    "scienceqa": ("score", "accuracy over docs (equals doc_mean)"),
+    "talo_scienceqa": ("score", "accuracy over docs (equals doc_mean)"),
+    "seedbench": ("score", "accuracy over docs (equals doc_mean)"),
+    "talo_seedbench": ("score", "accuracy over docs (equals doc_mean)"),
+}
+
 MMBENCH_ROTATION = 1_000_000  # MMBench's rotated copies of question i have index i + r * 1_000_000
 
 _MMMU_ID = re.compile(r"^(?:validation|test|dev)_(.+)_\d+$")
@@ -70,6 +85,12 @@ def _by_prefix(table: dict, task_name: str):
 
 def known_fields(task_name: str) -> tuple[str, str | None] | None:
     return _by_prefix(KNOWN_FIELDS, task_name)
+
+
+def paper_figure(task_name: str) -> dict | None:
+    """Which report figure of a paper benchmark compares with the paper's table, and why."""
+    known = _by_prefix(PAPER_FIGURES, task_name)
+    return {"field": known[0], "why": known[1]} if known else None
 
 
 def known_unit(task_name: str) -> str | None:

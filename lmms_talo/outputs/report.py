@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmms_talo.method.interventions import Knockout, VariantLabel
+from lmms_talo.method.subtasks import paper_figure
 
 if TYPE_CHECKING:
     from lmms_talo.harness.heldout import HeldOutScores
@@ -130,6 +131,7 @@ class GroupReport:
     sweep_seconds: float = 0.0
     eval_seconds: float = 0.0
     answers_from_cache: int = 0  # answers the harness's response cache served (lmms_talo.harness.answer_cache)
+    paper_figure: dict | None = None  # the figure that compares with the paper's (lmms_talo.method.subtasks)
     probe_docs_computed: int = 0
     probe_docs_reused: int = 0
     sweep_mode: str = "full"  # full: every layer on every probe doc; select: pruned (see rounds[].pruned)
@@ -152,6 +154,7 @@ class GroupReport:
             request_type=group.reqtype,
             pool=list(group.split.pool),
             test_doc_count=len(group.split.test),
+            paper_figure=paper_figure(group.task_name),
             unit_field=group.fields.unit,
             unit_docs={str(u): list(group.split.docs_of(u)) for u in group.split.pool_units}
             if group.split.unit_docs
@@ -341,6 +344,8 @@ def summary_table(report: dict) -> str:
             f"{fmt(base.get('score')):>7} {fmt(g.get('test_difference'), '+.3f'):>7} "
             f"{fmt(talo.get('doc_mean')):>7} {fmt(base.get('doc_mean')):>7}"
         )
+    figures = {g["task"]: g["paper_figure"] for g in report["subtasks"] if g.get("paper_figure")}
+    lines += [f"compare with the paper: {task}: {f['field']} ({f['why']})" for task, f in figures.items()]
     statuses = [g.get("sweep_replay", {}).get("status", "on") for g in report["subtasks"]]
     lines += [f"prefix replay: {status}" for status in dict.fromkeys(statuses) if status != "on"]
     return "\n".join(lines)
