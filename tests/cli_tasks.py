@@ -11,14 +11,14 @@ from pathlib import Path
 
 from tiny_models import example_image
 
-UTILS = '''
+UTILS = """
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return doc["question"]
-'''
+"""
 
 QUESTIONS = ("What is shown?", "Which shape is it?", "What color is it?", "Is it large or small?", "Where is it?")
 
@@ -97,17 +97,38 @@ def write_image_task(
 
 def cli_env() -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
 def run_lmms_eval(model: str, model_args: str, tasks: str, include_path: Path, output: Path, *extra: str):
     """Runs the real lmms-eval CLI; returns (results dict, completed process)."""
     cmd = [
-        sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
-        "--include_path", str(include_path), "--output_path", str(output), "--batch_size", "1",
-        "--verbosity", "DEBUG", "--log_samples", *extra,
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(include_path),
+        "--output_path",
+        str(output),
+        "--batch_size",
+        "1",
+        "--verbosity",
+        "DEBUG",
+        "--log_samples",
+        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=900)
     assert proc.returncode == 0, f"lmms-eval failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

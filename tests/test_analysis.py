@@ -13,13 +13,14 @@ from lmms_talo.analysis.agreement import between_runs, intervention_pairs
 from lmms_talo.analysis.clustering import adjusted_rand_index, bootstrap_stability, cluster
 from lmms_talo.analysis.robustness import selection_distribution
 from lmms_talo.analysis.rule_comparison import rule_choices, summarize
-from lmms_talo.outputs.report_reader import ReportError, load_runs
 from lmms_talo.analysis.transfer import transfer_matrix
+from lmms_talo.harness.heldout import HeldOutScores
 from lmms_talo.method.config import TaloConfig
-from lmms_talo.outputs.report import GroupReport, TaloReport
 from lmms_talo.method.probe_split import FIRST_DRAW, ProbeRound
 from lmms_talo.method.selection import Selection
 from lmms_talo.method.sweep import SweepResult
+from lmms_talo.outputs.report import GroupReport, TaloReport
+from lmms_talo.outputs.report_reader import ReportError, load_runs
 
 # --- hand-built reports -------------------------------------------------------------------------
 
@@ -33,7 +34,9 @@ def doc_scores_with_gains(gains: dict, n_docs: int) -> tuple[dict, dict]:
     layers = {}
     for layer, gain in gains.items():
         flips = round(abs(gain) * n_docs)
-        assert flips <= half and abs(flips / n_docs - abs(gain)) < 1e-9, "gain must be a multiple of 1/n_docs, |gain| <= 0.5"
+        assert flips <= half and abs(flips / n_docs - abs(gain)) < 1e-9, (
+            "gain must be a multiple of 1/n_docs, |gain| <= 0.5"
+        )
         scores = dict(base)
         changed = range(half, half + flips) if gain > 0 else range(flips)
         for d in changed:
@@ -42,36 +45,51 @@ def doc_scores_with_gains(gains: dict, n_docs: int) -> tuple[dict, dict]:
     return base, layers
 
 
-def subtask_report(task: str, name: str, base: dict, layers: dict, test_scores: dict | None = None,
-                   pool: list | None = None) -> GroupReport:
+def subtask_report(
+    task: str, name: str, base: dict, layers: dict, test_scores: dict | None = None, pool: list | None = None
+) -> GroupReport:
     """A GroupReport filled through the adapter's own recording path (decided/scored/scored_variant).
     `test_scores`: variant label ('base', '3') -> {doc: score} on test docs."""
     from lmms_talo.method.rules import make_rule
 
     docs = list(base)
     outcome = make_rule("gain").decide(docs, base, layers, stream=name)
-    result = SweepResult(tuple(layers), [outcome], {"base": dict(base), **{str(l): dict(s) for l, s in layers.items()}},
-                         pruned=[{}], probe_rounds=[ProbeRound(0, tuple(docs), FIRST_DRAW)])
-    report = GroupReport(task=task, subtask=name, category=name.split("/")[-1], request_type="generate_until",
-                         pool=pool or docs, test_doc_count=len(next(iter((test_scores or {"": {}}).values()))))
+    result = SweepResult(
+        tuple(layers),
+        [outcome],
+        {"base": dict(base), **{str(l): dict(s) for l, s in layers.items()}},
+        pruned=[{}],
+        probe_rounds=[ProbeRound(0, tuple(docs), FIRST_DRAW)],
+    )
+    report = GroupReport(
+        task=task,
+        subtask=name,
+        category=name.split("/")[-1],
+        request_type="generate_until",
+        pool=pool or docs,
+        test_doc_count=len(next(iter((test_scores or {"": {}}).values()))),
+    )
     report.decided(Selection(() if outcome.selected is None else (outcome.selected,), sweep=result))
     if test_scores:
         pool_set = set(report.pool)
 
         def scored(scores):  # the task's metric: a mean over the test docs, as `acc` aggregates
             test = [s for d, s in scores.items() if d not in pool_set]
-            return scores, pool_set, {"acc,none": sum(test) / len(test)}, "acc,none"
+            return HeldOutScores(scores, pool_set, {"acc,none": sum(test) / len(test)}, "acc,none")
 
-        report.scored("base", *scored(test_scores["base"]))
-        report.scored("talo", *scored(test_scores[report.selected_layers and str(report.selected_layers[0]) or "base"]))
+        report.scored("base", scored(test_scores["base"]))
+        report.scored("talo", scored(test_scores[report.selected_layers and str(report.selected_layers[0]) or "base"]))
         for label, scores in test_scores.items():
-            report.scored_variant(label, *scored(scores))
+            report.scored_variant(label, scored(scores))
     return report
 
 
 def write_run(path, groups: list[GroupReport], digest: str = "d1", **config) -> str:
-    report = TaloReport({"name_or_path": "hand/built-model", "class": "Hand", "num_layers": 8, "digest": digest},
-                        TaloConfig(**config).to_dict(), "Hand")
+    report = TaloReport(
+        {"name_or_path": "hand/built-model", "class": "Hand", "num_layers": 8, "digest": digest},
+        TaloConfig(**config).to_dict(),
+        "Hand",
+    )
     for group in groups:
         report.add(group)
     report.config["report"] = str(path)
@@ -202,6 +220,12 @@ def _transfer_run(tmp_path):
     return write_run(tmp_path / "transfer.json", [a, b], digest="d2", transfer=True)
 
 
+def test_transfer_modes_score_the_base_model_too():
+    assert TaloConfig.pop_from({"transfer": "true"}).compare_base
+    assert TaloConfig.pop_from({"test_all_layers": "1"}).compare_base
+    assert not TaloConfig.pop_from({}).compare_base
+
+
 def test_transfer_matrix_holds_test_gains_of_each_selection_on_each_subtask(tmp_path):
     (run,) = load_runs([_transfer_run(tmp_path)])
     matrix = transfer_matrix(run)
@@ -223,6 +247,7 @@ def test_rule_comparison_looks_up_each_rules_choice_on_the_test_docs(tmp_path):
     assert summary["sign_test"].knocked_out == 0 and summary["sign_test"].mean_test_gain == 0.0
 
 
+@pytest.mark.e2e
 def test_report_command_writes_every_section_and_figure(tmp_path):
     from lmms_talo.cli import main
 
@@ -232,9 +257,15 @@ def test_report_command_writes_every_section_and_figure(tmp_path):
     out = tmp_path / "analysis"
     assert main(["analyze", zero, uniform, transfer, "-o", str(out), "--resamples", "20"]) == 0
     markdown = (out / "report.md").read_text()
-    for heading in ("Results on the test docs", "Task-layer interaction vectors", "Clusters of interaction vectors",
-                    "Robustness of the selection", "Cross-task transfer", "Selection rules on the test docs",
-                    "Agreement between interventions"):
+    for heading in (
+        "Results on the test docs",
+        "Task-layer interaction vectors",
+        "Clusters of interaction vectors",
+        "Robustness of the selection",
+        "Cross-task transfer",
+        "Selection rules on the test docs",
+        "Agreement between interventions",
+    ):
         assert heading in markdown
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "run1_interaction_heatmap.png" in pngs and "agreement_run1_run2.png" in pngs
@@ -244,7 +275,7 @@ def test_report_command_writes_every_section_and_figure(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"({png.name})" in markdown
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(pngs) and "src=\"run" not in page
+    assert page.count("data:image/png;base64,") == len(pngs) and 'src="run' not in page
     numbers = json.loads((out / "analysis.json").read_text())
     assert numbers["agreement"][0]["pearson"] == pytest.approx(1.0)
     assert np.allclose(numbers["runs"]["run3"]["transfer"]["gains"], [[0.3, -0.2], [-0.1, 0.3]])
@@ -258,7 +289,7 @@ def test_report_command_names_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["analyze", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
     assert "holds no talo_report.json" in capsys.readouterr().err
-    (tmp_path / "x.json").write_text("{\"results\": {}}")
+    (tmp_path / "x.json").write_text('{"results": {}}')
     with pytest.raises(ReportError, match="not a TaLo report"):
         load_runs([tmp_path / "x.json"])
 
@@ -275,8 +306,8 @@ def tiny_runs(tmp_path_factory, tiny_model_dir):
     """Two TaLo runs of tiny LLaVA on a four-category task whose answers are what the model says with
     layer 2 knocked out (all of alpha and beta, every other doc of gamma, none of delta):
     run A zero-knockout with the gain rule, max_layers=2, transfer and test_all_layers; run B the
-    uniform intervention with the bootstrap rule. Returns (report A, report B, their folder)."""
-    from harness import run_lmms_eval, samples, write_image_task
+    uniform intervention with the maxt rule. Returns (report A, report B, their folder)."""
+    from cli_tasks import run_lmms_eval, samples, write_image_task
     from tiny_models import LMMS_EVAL_MODEL_ARGS
 
     root = tmp_path_factory.mktemp("analysis_e2e")
@@ -286,8 +317,10 @@ def tiny_runs(tmp_path_factory, tiny_model_dir):
     # The seed task's docs are the first docs of the analysis task (same image and question per index).
     seed_task = write_image_task(root / "seed_task", "talo_seed", ["?"] * (n - N_PER_CATEGORY))
     run_lmms_eval("talo_llava", f"{common},force_layer=2", "talo_seed", seed_task, root / "seed_out", "--force_simple")
-    said = {s["doc_id"]: (s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0]).strip()
-            for s in samples(root / "seed_out", "talo_seed")}
+    said = {
+        s["doc_id"]: (s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0]).strip()
+        for s in samples(root / "seed_out", "talo_seed")
+    }
     answers, categories = [], []
     for i in range(n):
         category = CATEGORIES[i // N_PER_CATEGORY]
@@ -297,14 +330,32 @@ def tiny_runs(tmp_path_factory, tiny_model_dir):
     task = write_image_task(root / "task", "talo_analysis", answers, categories)
     reports = root / "reports"
     by_category = "granularity=category,category_field=category"
-    run_lmms_eval("talo_llava", f"{common},{by_category},max_layers=2,transfer=true,test_all_layers=true,"
-                  f"report={reports / 'zero' / 'talo_report.json'}", "talo_analysis", task, root / "out_zero", "--force_simple")
-    run_lmms_eval("talo_llava", f"{common},{by_category},intervention=uniform,select_rule=bootstrap,compare_base=true,"
-                  f"report={reports / 'uniform' / 'talo_report.json'}", "talo_analysis", task, root / "out_uniform", "--force_simple")
-    return (json.loads((reports / "zero" / "talo_report.json").read_text()),
-            json.loads((reports / "uniform" / "talo_report.json").read_text()), reports)
+    run_lmms_eval(
+        "talo_llava",
+        f"{common},{by_category},max_layers=2,transfer=true,test_all_layers=true,"
+        f"report={reports / 'zero' / 'talo_report.json'}",
+        "talo_analysis",
+        task,
+        root / "out_zero",
+        "--force_simple",
+    )
+    run_lmms_eval(
+        "talo_llava",
+        f"{common},{by_category},intervention=uniform,select_rule=maxt,compare_base=true,"
+        f"report={reports / 'uniform' / 'talo_report.json'}",
+        "talo_analysis",
+        task,
+        root / "out_uniform",
+        "--force_simple",
+    )
+    return (
+        json.loads((reports / "zero" / "talo_report.json").read_text()),
+        json.loads((reports / "uniform" / "talo_report.json").read_text()),
+        reports,
+    )
 
 
+@pytest.mark.e2e
 def test_transfer_and_all_layer_modes_record_test_scores_of_every_variant(tiny_runs):
     zero, _, _ = tiny_runs
     subtasks = {g["subtask"]: g for g in zero["subtasks"]}
@@ -325,6 +376,7 @@ def test_transfer_and_all_layer_modes_record_test_scores_of_every_variant(tiny_r
         assert subtasks[f"talo_analysis/{name}"]["selected_layer"] == 2
 
 
+@pytest.mark.e2e
 def test_two_layer_search_is_recorded_with_its_cost(tiny_runs):
     zero, _, _ = tiny_runs
     searched = [g for g in zero["subtasks"] if g["selected_layer"] is not None]
@@ -335,25 +387,29 @@ def test_two_layer_search_is_recorded_with_its_cost(tiny_runs):
         assert stage["docs_computed"] + stage["docs_reused"] == 3 * SHOTS
         pairs = {"+".join(map(str, sorted((g["selected_layer"], l)))) for l in (1, 2, 3) if l != g["selected_layer"]}
         assert pairs <= set(g["probe_doc_scores"])
-        assert g["selected_layers"] == sorted([g["selected_layer"]] + ([stage["selected"]] if stage["selected"] else []))
+        assert g["selected_layers"] == sorted(
+            [g["selected_layer"]] + ([stage["selected"]] if stage["selected"] else [])
+        )
     # alpha: layer 2 is already perfect on the probe docs, so no pair can beat it.
     alpha = next(g for g in searched if g["subtask"].endswith("alpha"))
     assert alpha["layer_stages"][0]["selected"] is None and alpha["selected_layers"] == [2]
 
 
+@pytest.mark.e2e
 def test_guarded_rule_decisions_are_reproduced_offline(tiny_runs):
     _, uniform, reports = tiny_runs
-    assert uniform["config"]["select_rule"] == "bootstrap"
+    assert uniform["config"]["select_rule"] == "maxt"
     (run,) = load_runs([reports / "uniform"])
-    for sub in run.subtasks:
-        if not sub.swept:
-            continue
+    swept = [sub for sub in run.subtasks if sub.swept]
+    assert "talo_analysis/delta" in {sub.name for sub in swept}, "delta is never right: its baseline is not perfect"
+    for sub in swept:
         outcome = sub.decide(run.rule())
         assert outcome.selected == sub.data["selected_layer"]
         assert {str(l): v for l, v in outcome.evidence.items()} == sub.data["rounds"][-1]["evidence"]
         assert {str(l): g for l, g in sub.gains().items()} == sub.data["interaction_vector"]
 
 
+@pytest.mark.e2e
 def test_report_command_end_to_end_on_tiny_model_runs(tiny_runs, tmp_path):
     from lmms_talo.cli import main
 
@@ -363,8 +419,13 @@ def test_report_command_end_to_end_on_tiny_model_runs(tiny_runs, tmp_path):
     markdown = (out / "report.md").read_text()
     for name in CATEGORIES:
         assert f"talo_analysis/{name}" in markdown
-    for heading in ("Results on the test docs", "Multi-layer search", "Cross-task transfer",
-                    "Selection rules on the test docs", "Agreement between interventions"):
+    for heading in (
+        "Results on the test docs",
+        "Multi-layer search",
+        "Cross-task transfer",
+        "Selection rules on the test docs",
+        "Agreement between interventions",
+    ):
         assert heading in markdown
     numbers = json.loads((out / "analysis.json").read_text())
     (agreement,) = numbers["agreement"]
@@ -377,3 +438,21 @@ def test_report_command_end_to_end_on_tiny_model_runs(tiny_runs, tmp_path):
     pngs = list(out.glob("*.png"))
     assert len(pngs) >= 8 and all(p.stat().st_size > 5000 for p in pngs)
     assert (out / "report.html").read_text().count("data:image/png;base64,") == len(pngs)
+
+
+def test_analyze_never_advises_an_arg_the_run_already_used():
+    """Missing test scores are explained by what the run was: a probe log holds none; a transfer run
+    leaves the other request type's cells unscored; only a run without the arg is told to use it."""
+    from lmms_talo.analysis.build import _why_unscored
+    from lmms_talo.outputs.report_reader import Run
+
+    def run(config, source=""):
+        return Run(Path("r.json"), {"config": config, "source": source})
+
+    assert "a probe log holds the probe passes only" in _why_unscored(
+        run({}, "probe log x.jsonl, re-decided"), "compare_base"
+    )
+    assert "transfer stays within one request type" in _why_unscored(run({"transfer": True}), "transfer")
+    assert "run TaLo with `transfer=true`" in _why_unscored(run({}), "transfer")
+    assert "the run had `compare_base=true`" in _why_unscored(run({"compare_base": True}), "compare_base")
+    assert "run TaLo with `compare_base=true`" in _why_unscored(run({"compare_base": False}), "compare_base")

@@ -43,12 +43,15 @@ def _sdist(path, tasks: dict):
 
 @pytest.fixture
 def archive(tmp_path):
-    return _sdist(tmp_path / "bigbench-1.0.0.tar.gz", {
-        "toy_mc": _mc_task(),
-        "family": {"name": "family", "subtasks": ["sub_a"]},
-        "family/sub_a": _mc_task(6, prefix=""),
-        "generative": {"name": "generative", "examples": [{"input": "2+2?", "target": "4"}]},
-    })
+    return _sdist(
+        tmp_path / "bigbench-1.0.0.tar.gz",
+        {
+            "toy_mc": _mc_task(),
+            "family": {"name": "family", "subtasks": ["sub_a"]},
+            "family/sub_a": _mc_task(6, prefix=""),
+            "generative": {"name": "generative", "examples": [{"input": "2+2?", "target": "4"}]},
+        },
+    )
 
 
 def test_task_jsons_are_extracted_once_and_then_read_from_the_cache(tmp_path, archive):
@@ -57,7 +60,10 @@ def test_task_jsons_are_extracted_once_and_then_read_from_the_cache(tmp_path, ar
     assert tasks["toy_mc"] == _mc_task()
     assert len(tasks["family/sub_a"]["examples"]) == 7
     archive.unlink()
-    assert read_task_jsons(archive, ["family/sub_a"], cache)["family/sub_a"]["examples"][0]["input"] == "Which word is number 0?"
+    assert (
+        read_task_jsons(archive, ["family/sub_a"], cache)["family/sub_a"]["examples"][0]["input"]
+        == "Which word is number 0?"
+    )
 
 
 def test_an_unknown_task_names_the_similar_ones(tmp_path, archive):
@@ -86,7 +92,7 @@ def test_docs_shuffle_options_keep_the_answer_and_drop_ties():
     assert docs != multiple_choice_docs(_mc_task(), "toy_mc", None, seed=1)[0]
 
 
-def test_prompts():
+def test_cloze_prompt_is_prefix_and_question_and_lettered_adds_the_options_in_doc_order():
     doc = multiple_choice_docs(_mc_task(), "toy_mc", None, seed=0)[0][0]
     assert doc["prompt_cloze"] == "Pick the word.\n\nQuestion: Which word is number 0?\nAnswer:"
     lettered = "\n".join(f"{letter}. {option}" for letter, option in zip("ABCD", doc["options"]))
@@ -101,7 +107,7 @@ def test_limit_draws_a_seeded_subset_in_task_order():
     assert examples == sorted(examples) and all(d in full for d in some)
 
 
-def test_task_names():
+def test_harness_task_names_are_bb_prefixed_with_a_style_suffix_and_a_bad_style_lists_the_styles():
     assert harness_task_name("arithmetic/1_digit_addition") == "bb_arithmetic_1_digit_addition"
     assert harness_task_name("general_knowledge", "generate") == "bb_general_knowledge_gen"
     assert harness_task_name("general_knowledge", "lettered") == "bb_general_knowledge_lettered"
@@ -140,7 +146,9 @@ def test_converted_tasks_load_in_both_harnesses(tmp_path):
 
     from lm_eval.tasks import TaskManager
 
-    tasks = TaskManager(include_path=str(out / "lm_eval"), include_defaults=False).load([c.name for c in converted])["tasks"]
+    tasks = TaskManager(include_path=str(out / "lm_eval"), include_defaults=False).load([c.name for c in converted])[
+        "tasks"
+    ]
     cloze, lettered, gen = (tasks[c.name] for c in converted)
     doc = cloze.eval_docs[0]
     assert cloze.OUTPUT_TYPE == lettered.OUTPUT_TYPE == "multiple_choice"

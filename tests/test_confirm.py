@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import pytest
-
 from cli_tasks import run_lmms_eval, write_image_task
+from tiny_models import LMMS_EVAL_MODEL_ARGS
+
 from lmms_talo.method.config import TaloArgumentError, TaloConfig
 from lmms_talo.method.probe_split import split_subtask
-from lmms_talo.outputs.report import GroupReport, summary_table
-from lmms_talo.method.rules import holm_adjusted, paired_flip_p, paired_tests
 from lmms_talo.method.selection import select_knockout
-from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.statistics import holm_adjusted, paired_flip_p, paired_tests
 from lmms_talo.method.sweep import LayerSweep
-from tiny_models import LMMS_EVAL_MODEL_ARGS
+from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.outputs.report import GroupReport, summary_table
 
 LAYERS = tuple(range(1, 11))
 N_DOCS, SHOTS = 72, 8  # pool 24: round 0 draws 8, the rest confirm
@@ -46,7 +46,9 @@ def select(table: Table, seed: int, **config):
     statistic = table.margin if config.select_stat == "margin" else None
 
     def make_sweep():
-        return LayerSweep(table.answer, table.score, ProbeStore(None, {}), rule=config.selection_rule(), statistic=statistic)
+        return LayerSweep(
+            table.answer, table.score, ProbeStore(None, {}), rule=config.selection_rule(), statistic=statistic
+        )
 
     return split, select_knockout(split, config, LAYERS, make_sweep)
 
@@ -91,27 +93,30 @@ def test_planted_effects_are_confirmed():
     assert picked / 200 >= 0.8 and kept / picked >= 0.75
 
 
-def test_the_margin_confirms_a_small_effect_the_pass_fail_score_misses():
-    """A knockout that raises every margin by 0.6 (noise sd 0.5, margins N(0, 1)), picked by the
-    probe rounds on pass/fail scores: the margin's paired test confirms it nearly always (measured
-    42 of 42), the sign test on pass/fail far less often (8 of 42); with no effect, neither confirms
-    any layer on more than alpha of the seeds."""
+def test_the_margin_ranks_and_accuracy_confirms():
+    """A knockout that raises every margin by 0.6 (noise sd 0.5, margins N(0, 1)): with select_stat
+    margin or score, confirm's verdict is the same on every seed, because the confirmation tests the
+    per-doc scores (a margin can rise with no more correct answers); with no effect, neither keeps a
+    layer on more than alpha of the seeds."""
 
     def tables(shift):
         rng = np.random.default_rng(2)
         for _ in range(100):
-            margins = {label: {d: float(rng.normal()) for d in range(N_DOCS)} for label in ["base"] + [str(l) for l in LAYERS]}
+            margins = {
+                label: {d: float(rng.normal()) for d in range(N_DOCS)} for label in ["base"] + [str(l) for l in LAYERS]
+            }
             margins["3"] = {d: margins["base"][d] + shift + float(rng.normal(0, 0.5)) for d in range(N_DOCS)}
-            yield Table({label: {d: float(m > 0) for d, m in values.items()} for label, values in margins.items()}, margins)
+            yield Table(
+                {label: {d: float(m > 0) for d, m in values.items()} for label, values in margins.items()}, margins
+            )
 
     def outcomes(shift, stat):
         return [select(t, seed, select_rule="confirm", select_stat=stat)[1] for seed, t in enumerate(tables(shift))]
 
     margin, score = outcomes(0.6, "margin"), outcomes(0.6, "score")
-    picked = [i for i, s in enumerate(margin) if s.sweep.selected == 3]
-    assert len(picked) >= 30 and [score[i].sweep.selected for i in picked] == [3] * len(picked)
-    assert sum(margin[i].layers == (3,) for i in picked) >= 0.9 * len(picked)
-    assert sum(score[i].layers == (3,) for i in picked) <= 0.5 * len(picked)
+    assert sum(s.sweep.selected == 3 for s in margin) >= 30
+    assert [s.layers for s in margin] == [s.layers for s in score]
+    assert all(s.confirmation.stat == "score" for s in margin if s.confirmation is not None)
     for stat in ("margin", "score"):
         assert sum(bool(s.layers) for s in outcomes(0.0, stat)) <= 5
 
@@ -141,7 +146,10 @@ def test_a_knockout_with_no_pool_unit_left_is_dropped_with_that_reason():
     split = split_subtask("small", list(range(3 * SHOTS)), SHOTS, 0)  # pool = k units: round 0 uses them all
     table = Table(scores)
     selection = select_knockout(
-        split, config, LAYERS, lambda: LayerSweep(table.answer, table.score, ProbeStore(None, {}), rule=config.selection_rule())
+        split,
+        config,
+        LAYERS,
+        lambda: LayerSweep(table.answer, table.score, ProbeStore(None, {}), rule=config.selection_rule()),
     )
     assert selection.sweep.selected == 2 and selection.layers == ()
     assert selection.confirmation.docs == () and "no pool unit is left" in selection.confirmation.reason
@@ -173,7 +181,7 @@ def test_the_multi_layer_search_tests_the_margin_when_the_rule_does():
             table.scores[pair] = dict(table.scores["3"])
             table.margins[pair] = {d: m + (0.3 if layer == 6 else 0.0) for d, m in table.margins["3"].items()}
     for stat, significant in (("margin", True), ("score", False)):
-        _, selection = select(table, 0, select_rule="sign_test", select_stat=stat, max_layers=2)
+        _, selection = select(table, 0, select_rule="maxt", select_stat=stat, select_alpha=0.5, max_layers=2)
         (stage,) = selection.stages
         assert (stage.outcome.p_values[6] < 0.05) is significant, stat
 
@@ -236,72 +244,119 @@ N_CLI_DOCS, CLI_SHOTS = 30, 4  # pool 10: round 0 draws 4 (threshold -1 always c
 def _mc_task(tmp_path):
     choices = [["red", "blue", "green"], ["one", "two", "three"]]
     docs = [choices[i % 2] for i in range(N_CLI_DOCS)]
-    return write_image_task(tmp_path / "mc", "talo_confirm_mc", [c[i % 3] for i, c in enumerate(docs)],
-                            output_type="multiple_choice", choices=docs), docs
+    return write_image_task(
+        tmp_path / "mc",
+        "talo_confirm_mc",
+        [c[i % 3] for i, c in enumerate(docs)],
+        output_type="multiple_choice",
+        choices=docs,
+    ), docs
 
 
-def test_lmms_eval_cli_reports_the_confirmation_on_the_margin(tmp_path, tiny_model_dir):
-    import pandas as pd
-
+@pytest.mark.e2e
+def test_lmms_eval_cli_confirms_on_the_scores_under_select_stat_margin(tmp_path, tiny_model_dir):
     folder, _ = _mc_task(tmp_path)
     model_dir = tiny_model_dir("smollm2")
     report_path, state = tmp_path / "report.json", tmp_path / "state"
-    args = (f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['smollm2']},probe_shots={CLI_SHOTS},threshold=-1,"
-            f"select_rule=confirm,select_stat=margin,state_dir={state},report={report_path}")
+    args = (
+        f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['smollm2']},probe_shots={CLI_SHOTS},threshold=-1,"
+        f"select_rule=confirm,select_stat=margin,state_dir={state},report={report_path}"
+    )
     run_lmms_eval("talo_huggingface", args, "talo_confirm_mc", folder, tmp_path / "out", "--force_simple")
     group = json.loads(report_path.read_text())["subtasks"][0]
     record = group["confirmation"]
     probed = {str(d) for r in group["rounds"] for d in r["probe_docs"]}
-    assert record["stat"] == "margin" and len(record["docs"]) == 6
+    assert record["stat"] == "score" and len(record["docs"]) == 6
     assert set(record["docs"]) <= {str(d) for d in group["pool"]} and not set(record["docs"]) & probed
-    assert record["p_value"] == paired_flip_p([record["reference"][d] for d in record["docs"]],
-                                              [record["knocked"][d] for d in record["docs"]])
+    assert record["p_value"] == paired_flip_p(
+        [record["reference_scores"][d] for d in record["docs"]], [record["knocked_scores"][d] for d in record["docs"]]
+    )
     assert record["kept"] == (record["p_value"] < 0.05) and record["reason"].startswith("confirm: layer")
     assert group["selected_layers"] == (record["layers"] if record["kept"] else [])
-    # the margins are the stored log-likelihoods' (lmms-eval returns losses): gold minus best wrong option
-    rows = pd.read_parquet(folder / "talo_confirm_mc.parquet")
+    # the confirmation's scores are the stored passes' scores
     stored = [json.loads(line) for p in state.glob("*.jsonl") for line in p.read_text().splitlines()]
+    checked = set()
     for line in stored:
         if line["doc"] in record["docs"] and line["variant"] == "base":
-            lls = [-r["tuple"][0] for r in line["responses"]]
-            gold = list(rows.choices[int(line["doc"])]).index(rows.answer[int(line["doc"])])
-            assert record["reference"][line["doc"]] == lls[gold] - max(v for i, v in enumerate(lls) if i != gold)
+            assert record["reference_scores"][line["doc"]] == line["score"]
+            checked.add(line["doc"])
+    assert checked == set(record["docs"]), "every confirmation doc's base score is checked against the store"
     assert set(group["interaction_holm_p"]) == set(group["interaction_vector"])
 
 
+@pytest.mark.e2e
 def test_margin_on_a_generation_task_is_refused_with_the_fix(tmp_path, tiny_model_dir):
     folder = write_image_task(tmp_path / "gen", "talo_confirm_gen", [f"a{i % 3}" for i in range(N_CLI_DOCS)])
-    args = (f"pretrained={tiny_model_dir('smollm2')},{LMMS_EVAL_MODEL_ARGS['smollm2']},probe_shots={CLI_SHOTS},"
-            f"select_stat=margin,state_dir=none")
-    with pytest.raises(AssertionError, match="select_stat=margin needs a likelihood-scored multiple-choice task.*use select_stat=score"):
+    args = (
+        f"pretrained={tiny_model_dir('smollm2')},{LMMS_EVAL_MODEL_ARGS['smollm2']},probe_shots={CLI_SHOTS},"
+        f"select_stat=margin,state_dir=none"
+    )
+    with pytest.raises(
+        AssertionError, match="select_stat=margin needs a likelihood-scored multiple-choice task.*use select_stat=score"
+    ):
         run_lmms_eval("talo_huggingface", args, "talo_confirm_gen", folder, tmp_path / "out", "--force_simple")
 
 
+@pytest.mark.e2e
 def test_both_harnesses_give_the_same_margins(tmp_path, tiny_model_dir):
     """lmms-eval answers losses and lm-eval log-likelihoods (lmms_talo.harness.base: likelihood_is_loss):
     the same BIG-bench-style task through both CLIs gives the same confirmation docs and margins."""
     import subprocess
     import sys
 
-    from harness import cli_env
+    from cli_tasks import cli_env
+
     from lmms_talo.demo.bigbench import convert_task
 
     words = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "haze"]
-    examples = [{"input": f"Which word follows {words[i % 8]} {i}?", "target_scores": {words[(i + j) % 8]: int(j == 0) for j in range(3)}}
-                for i in range(N_CLI_DOCS)]
+    examples = [
+        {
+            "input": f"Which word follows {words[i % 8]} {i}?",
+            "target_scores": {words[(i + j) % 8]: int(j == 0) for j in range(3)},
+        }
+        for i in range(N_CLI_DOCS)
+    ]
     convert_task({"examples": examples}, "margins", tmp_path / "tasks")
     model_dir = tiny_model_dir("llama")
     talo = f"probe_shots={CLI_SHOTS},threshold=-1,select_rule=confirm,select_stat=margin,state_dir=none"
-    run_lmms_eval("talo_huggingface", f"pretrained={model_dir},device=cpu,chat_template=false,{talo},report={tmp_path / 'lmms.json'}",
-                  "bb_margins", tmp_path / "tasks" / "lmms", tmp_path / "lmms_out", "--force_simple")
+    run_lmms_eval(
+        "talo_huggingface",
+        f"pretrained={model_dir},device=cpu,chat_template=false,{talo},report={tmp_path / 'lmms.json'}",
+        "bb_margins",
+        tmp_path / "tasks" / "lmms",
+        tmp_path / "lmms_out",
+        "--force_simple",
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "lmms_talo", "lm-eval", "--model", "talo_hf", "--model_args",
-         f"pretrained={model_dir},{talo},report={tmp_path / 'lm.json'}", "--tasks", "bb_margins", "--include_path",
-         str(tmp_path / "tasks" / "lm_eval"), "--output_path", str(tmp_path / "lm_out"), "--batch_size", "4", "--device", "cpu"],
-        capture_output=True, text=True, env=cli_env(), timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "lmms_talo",
+            "lm-eval",
+            "--model",
+            "talo_hf",
+            "--model_args",
+            f"pretrained={model_dir},{talo},report={tmp_path / 'lm.json'}",
+            "--tasks",
+            "bb_margins",
+            "--include_path",
+            str(tmp_path / "tasks" / "lm_eval"),
+            "--output_path",
+            str(tmp_path / "lm_out"),
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lmms, lm = (json.loads((tmp_path / f"{name}.json").read_text())["subtasks"][0]["confirmation"] for name in ("lmms", "lm"))
+    lmms, lm = (
+        json.loads((tmp_path / f"{name}.json").read_text())["subtasks"][0]["confirmation"] for name in ("lmms", "lm")
+    )
     assert lmms["docs"] == lm["docs"] and len(lmms["docs"]) == 6 and lmms["layers"] == lm["layers"]
     for key in ("reference", "knocked"):
         assert lmms[key] == pytest.approx(lm[key], abs=1e-4)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_tasks import cli_env
 
 pytestmark = pytest.mark.slow
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     """A cache whose downloads, model and BIG-bench files are the user's (kept), probe results not."""
-    from lmms_talo.demo.driver import cache_root
+    from lmms_talo.outputs.model_identity import cache_root
 
     shared = cache_root()
     cache = tmp_path_factory.mktemp("demo_cache")
@@ -54,8 +53,18 @@ def test_converted_model_is_the_gguf_model_bit_for_bit(demo_cache):
 def test_demo_runs_talo_on_the_real_model(demo_cache, tmp_path):
     out = tmp_path / "demo"
     cmd = [
-        sys.executable, "-m", "lmms_talo", "demo", "-o", str(out), "--cache", str(demo_cache), "--probe-shots", "3",
-        "--tasks", "similarities_abstraction:cloze:30,arithmetic/1_digit_addition:generate:30",
+        sys.executable,
+        "-m",
+        "lmms_talo",
+        "demo",
+        "-o",
+        str(out),
+        "--cache",
+        str(demo_cache),
+        "--probe-shots",
+        "3",
+        "--tasks",
+        "similarities_abstraction:cloze:30,arithmetic/1_digit_addition:generate:30",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=1800)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -7,26 +7,34 @@ rerun reuses them all. Results written under other library versions are never re
 
 import json
 
+import pytest
 from cli_tasks import run_lmms_eval, write_image_task
-from lmms_talo.outputs.probe_store import ProbeStore
 from tiny_models import LMMS_EVAL_MODEL_ARGS
+
+from lmms_talo.outputs.probe_store import ProbeStore
 
 SHOTS, LAYERS = 3, 2
 PROBE_RESULTS = SHOTS * (1 + LAYERS)  # probe docs x (baseline + layers 1-2), one round
 
 
 def _run(tmp_path, name, state, extra_args="", *flags):
-    args = (f"pretrained={state['model']},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots={SHOTS},layers=1-{LAYERS},"
-            f"max_redraws=0,replay=false,state_dir={state['dir']},report={tmp_path / name}.json{extra_args}")
+    args = (
+        f"pretrained={state['model']},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots={SHOTS},layers=1-{LAYERS},"
+        f"max_redraws=0,replay=false,state_dir={state['dir']},report={tmp_path / name}.json{extra_args}"
+    )
     run_lmms_eval("talo_llava", args, "talo_fp", state["task"], tmp_path / f"out_{name}", *flags)
     report = json.loads((tmp_path / f"{name}.json").read_text())
     (group,) = report["subtasks"]
     return report, (group["probe_docs_computed"], group["probe_docs_reused"])
 
 
+@pytest.mark.e2e
 def test_form_model_args_and_dtype_each_recompute_every_probe_pass(tmp_path, tiny_model_dir):
-    state = {"model": tiny_model_dir("llava"), "dir": tmp_path / "state",
-             "task": write_image_task(tmp_path / "task", "talo_fp", [f"a{i % 3}" for i in range(9)])}
+    state = {
+        "model": tiny_model_dir("llava"),
+        "dir": tmp_path / "state",
+        "task": write_image_task(tmp_path / "task", "talo_fp", [f"a{i % 3}" for i in range(9)]),
+    }
     first, counts = _run(tmp_path, "chat", state)
     assert counts == (PROBE_RESULTS, 0)
     assert first["harness_model"]["simple"] is False and first["model"]["dtype"] == ["float32"]
@@ -45,7 +53,19 @@ def test_form_model_args_and_dtype_each_recompute_every_probe_pass(tmp_path, tin
     again, counts = _run(tmp_path, "again", state)
     assert counts == (0, PROBE_RESULTS), "an unchanged rerun reuses every probe pass"
     assert again["subtasks"][0]["interaction_vector"] == first["subtasks"][0]["interaction_vector"]
-    assert set(again["versions"]) == {"lmms-talo", "transformers", "torch", "lmms-eval"} and all(again["versions"].values())
+    assert {
+        "lmms-talo",
+        "lmms-talo@source",
+        "transformers",
+        "torch",
+        "torchvision",
+        "tokenizers",
+        "pillow",
+        "lmms-eval",
+    } <= set(again["versions"])
+    assert all(
+        again["versions"][name] for name in ("lmms-talo", "lmms-talo@source", "transformers", "torch", "lmms-eval")
+    )
     assert len(list(state["dir"].glob("*.jsonl"))) == 4
 
 
@@ -80,7 +100,9 @@ def test_pool_content_changes_with_a_docs_prompt_or_target_not_with_other_docs()
 
     def digest(prompts, targets, pool=(0, 2)):
         task = SimpleNamespace(eval_docs=[{"t": t} for t in targets], doc_to_target=lambda doc: doc["t"])
-        requests = {d: [SimpleNamespace(args=(prompts[d], {"max_new_tokens": 4}, d, "task"))] for d in range(len(prompts))}
+        requests = {
+            d: [SimpleNamespace(args=(prompts[d], {"max_new_tokens": 4}, d, "task"))] for d in range(len(prompts))
+        }
         return pool_content(task, pool, requests.__getitem__)
 
     first = digest(["q0", "q1", "q2"], ["a", "b", "c"])

@@ -7,13 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_cpu_fallback_prints_one_passing_table(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHON_SET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--work", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--work", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=900)
     finally:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from lmms_talo.method.greedy_search import search_more_layers
 from lmms_talo.method.probe_split import split_subtask
 from lmms_talo.method.rules import make_rule
-from lmms_talo.outputs.probe_store import ProbeStore
 from lmms_talo.method.sweep import LayerSweep
+from lmms_talo.outputs.probe_store import ProbeStore
 
 SHOTS = 10
 LAYERS = (1, 2, 3, 4)
@@ -58,7 +58,9 @@ def test_the_pair_is_kept_when_it_beats_the_single_layer():
 
 
 def test_the_single_layer_stays_when_no_pair_beats_it_by_the_threshold():
-    sweep, split, _ = table_sweep({"base": BASE, "2": BASE | {4, 5}, "2+3": BASE | {4, 5, 6}}, make_rule("gain", threshold=0.15))
+    sweep, split, _ = table_sweep(
+        {"base": BASE, "2": BASE | {4, 5}, "2+3": BASE | {4, 5, 6}}, make_rule("gain", threshold=0.15)
+    )
     result = sweep.run(split, LAYERS, "zero", 0)
     assert result.selected == 2  # +0.2 clears 0.15
     layers, (stage,) = search_more_layers(sweep, result, "zero", 2, "t")
@@ -68,10 +70,11 @@ def test_the_single_layer_stays_when_no_pair_beats_it_by_the_threshold():
 
 def test_a_guarded_rule_guards_the_pair_too():
     sweep, split, _ = table_sweep(
-        {"base": BASE, "2": BASE | {4, 5, 6, 7, 8, 9}, "2+3": {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}}, make_rule("sign_test")
+        {"base": BASE, "2": BASE | {4, 5, 6, 7, 8, 9}, "2+3": {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}},
+        make_rule("sign_test", alpha=0.1),
     )
     result = sweep.run(split, LAYERS, "zero", 0)
-    assert result.selected == 2  # 6 of 6 discordant docs: p = 1/64
+    assert result.selected == 2  # 6 of 6 discordant docs: p = 1/64, Holm over the candidate layers
     layers, (stage,) = search_more_layers(sweep, result, "zero", 2, "t")
     assert layers == (2,)
     assert stage.outcome.gains[3] == 0.0 and stage.outcome.evidence[3] == 1.0

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, example_inputs, get_decoder_layers, load_processor, load_tiny
 
 from lmms_talo.method.backbone import UnsupportedModelError, decoder_layers
 from lmms_talo.method.interventions import (
@@ -12,7 +13,6 @@ from lmms_talo.method.interventions import (
     edit_weights_in_place,
     knocked_out,
 )
-from tiny_models import ARCHITECTURES, example_inputs, get_decoder_layers, load_processor, load_tiny
 
 GENERATE = dict(max_new_tokens=6, do_sample=False, use_cache=True)
 
@@ -83,11 +83,10 @@ def test_nothing_leaks_after_an_exception(arch_model):
     before, hooks = _state(model), _hooks(model)
     inputs = example_inputs(arch, processor)
     for intervention in ("zero", "uniform", "mean", "skip", "mlp_zero"):
-        with pytest.raises(RuntimeError, match="boom"):
-            with knocked_out(model, Knockout((1, 3), intervention)):
-                with torch.no_grad():
-                    model(**inputs)
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), knocked_out(model, Knockout((1, 3), intervention)):
+            with torch.no_grad():
+                model(**inputs)
+            raise RuntimeError("boom")
         _assert_same_state(model, before)
         assert _hooks(model) == hooks
     with torch.no_grad():
@@ -97,9 +96,11 @@ def test_nothing_leaks_after_an_exception(arch_model):
 def test_bad_layer_and_intervention_names(arch_model):
     _, model, _ = arch_model
     hooks = _hooks(model)
-    with pytest.raises(InterventionError, match="out of range.*4 decoder layers"):
-        with knocked_out(model, Knockout((4,), "zero")):
-            pass
+    with (
+        pytest.raises(InterventionError, match="out of range.*4 decoder layers"),
+        knocked_out(model, Knockout((4,), "zero")),
+    ):
+        pass
     with pytest.raises(InterventionError, match="unknown intervention 'zeroes'"):
         Knockout((1,), "zeroes")
     assert _hooks(model) == hooks

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_tasks import cli_env, run_lmms_eval
+
 from lmms_talo.demo.bigbench import convert_task, multiple_choice_docs
 from lmms_talo.method.interventions import Knockout, knocked_out
 
@@ -39,7 +39,10 @@ def _oracle_task(model_dir) -> dict:
 
     lm = CausalLM(pretrained=str(model_dir), device="cpu", chat_template="false")
     candidates = [
-        {"input": f"Which word follows {WORDS[i % 12]} {i}?", "target_scores": {WORDS[(i * 5 + j) % 12]: int(j == 0) for j in range(4)}}
+        {
+            "input": f"Which word follows {WORDS[i % 12]} {i}?",
+            "target_scores": {WORDS[(i * 5 + j) % 12]: int(j == 0) for j in range(4)},
+        }
         for i in range(40 * N_DOCS)
     ]
     docs, _ = multiple_choice_docs({"examples": candidates}, "oracle", None, seed=0)
@@ -58,13 +61,18 @@ def _oracle_task(model_dir) -> dict:
             kept.append(example)
             if len(kept) == N_DOCS:
                 return {"name": "oracle", "examples": kept}
-    raise AssertionError(f"only {len(kept)} docs separate layer {ORACLE_LAYER} from the full model and the other layers")
+    raise AssertionError(
+        f"only {len(kept)} docs separate layer {ORACLE_LAYER} from the full model and the other layers"
+    )
 
 
 def _generated(samples_file) -> dict:
     """doc id -> the generated answer in a harness's samples log (lmms-eval logs it stripped)."""
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    return {r["doc_id"]: (r["filtered_resps"] if isinstance(r["filtered_resps"], str) else r["filtered_resps"][0]).strip() for r in rows}
+    return {
+        r["doc_id"]: (r["filtered_resps"] if isinstance(r["filtered_resps"], str) else r["filtered_resps"][0]).strip()
+        for r in rows
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +86,28 @@ def oracle_tasks(tiny_model_dir, tmp_path_factory):
     return model_dir, folder
 
 
-def _run_lm_eval(model_dir, folder, out, report):
+def _run_lm_eval(model_dir, folder, out, report, *extra):
     cmd = [
-        sys.executable, "-m", "lmms_talo", "lm-eval", "--model", "talo_hf",
-        "--model_args", f"pretrained={model_dir},{TALO_ARGS},report={report}",
-        "--tasks", "bb_oracle,bb_oracle_gen", "--include_path", str(folder / "lm_eval"),
-        "--output_path", str(out), "--batch_size", "4", "--device", "cpu", "--log_samples",
+        sys.executable,
+        "-m",
+        "lmms_talo",
+        "lm-eval",
+        "--model",
+        "talo_hf",
+        "--model_args",
+        f"pretrained={model_dir},{TALO_ARGS},report={report}",
+        "--tasks",
+        "bb_oracle,bb_oracle_gen",
+        "--include_path",
+        str(folder / "lm_eval"),
+        "--output_path",
+        str(out),
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--log_samples",
+        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=900)
     assert proc.returncode == 0, f"lm-eval failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -96,6 +120,7 @@ def _by_task(report: dict) -> dict:
     return {group["task"]: group for group in report["subtasks"]}
 
 
+@pytest.mark.e2e
 def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path):
     model_dir, folder = oracle_tasks
 
@@ -115,18 +140,28 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
     assert results["talo"]["subtasks"]["bb_oracle"]["knockout"] == [ORACLE_LAYER] and "talo" not in results["results"]
     (mc_samples,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_2*.jsonl")
     rows = [json.loads(line) for line in mc_samples.read_text().splitlines()]
-    assert rows and all(r["talo"] == {"knockout": [ORACLE_LAYER], "in_probe_pool": r["doc_id"] in set(mc["pool"])} for r in rows)
-    (probe_log,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_talo_probe_2*.jsonl")  # lm-eval's naming, TaLo's suffix
+    assert rows and all(
+        r["talo"] == {"knockout": [ORACLE_LAYER], "in_probe_pool": r["doc_id"] in set(mc["pool"])} for r in rows
+    )
+    # lm-eval's naming, TaLo's suffix
+    (probe_log,) = (tmp_path / "lm_out").rglob("samples_bb_oracle_talo_probe_2*.jsonl")
     probe_rows = [row for row in map(json.loads, probe_log.read_text().splitlines()) if row["kind"] == "pass"]
-    assert {(r["variant"], r["unit"]) for r in probe_rows} == {(v, d) for v, docs in mc["probe_doc_scores"].items() for d in docs}
-    assert all(len(r["responses"]) == 4 and all(len(option) == 2 for option in r["responses"]) for r in probe_rows)  # (log p, greedy) per option
+    assert {(r["variant"], r["unit"]) for r in probe_rows} == {
+        (v, d) for v, docs in mc["probe_doc_scores"].items() for d in docs
+    }
+    # (log p, greedy) per option
+    assert all(len(r["responses"]) == 4 and all(len(option) == 2 for option in r["responses"]) for r in probe_rows)
     assert "talo_hf" in proc.stdout + proc.stderr
     assert 0 < mc["memory"]["rss_mb"] <= mc["memory"]["peak_rss_mb"] < 64 * 1024  # recorded once the sub-task is done
 
     lmms_report_path = tmp_path / "lmms_eval_report.json"
     run_lmms_eval(
-        "talo_huggingface", f"pretrained={model_dir},device=cpu,chat_template=false,{TALO_ARGS},report={lmms_report_path}",
-        "bb_oracle,bb_oracle_gen", folder / "lmms", tmp_path / "lmms_out", "--force_simple",
+        "talo_huggingface",
+        f"pretrained={model_dir},device=cpu,chat_template=false,{TALO_ARGS},report={lmms_report_path}",
+        "bb_oracle,bb_oracle_gen",
+        folder / "lmms",
+        tmp_path / "lmms_out",
+        "--force_simple",
     )
     lmms_report = _by_task(json.loads(lmms_report_path.read_text()))
     for task in ("bb_oracle", "bb_oracle_gen"):
@@ -139,6 +174,7 @@ def test_lm_eval_cli_runs_talo_and_agrees_with_lmms_eval(oracle_tasks, tmp_path)
     assert _generated(lm_samples) == _generated(lmms_samples)  # the same greedy answers, doc for doc
 
 
+@pytest.mark.e2e
 def test_talo_args_copied_into_lm_eval_task_metadata_do_not_change_the_probe_fingerprint(oracle_tasks):
     """lm-eval copies every model arg into each task's metadata; probe results computed under one
     report path or compare_base setting must be reused under another, never under another prompt."""
@@ -159,10 +195,14 @@ def test_talo_args_copied_into_lm_eval_task_metadata_do_not_change_the_probe_fin
     assert identity({"pretrained": "m"}, "bb_oracle_gen") != first
 
 
+@pytest.mark.e2e
 def test_lm_eval_command_passes_bad_arguments_to_lm_eval_and_fails(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lmms_talo", "lm-eval", "--model", "talo_hf", "--no_such_flag"],
-        capture_output=True, text=True, env=cli_env(), timeout=300,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
     )
     assert proc.returncode != 0 and "--no_such_flag" in proc.stderr
 
@@ -206,8 +246,11 @@ def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir):
 
 @pytest.mark.parametrize(
     "args, message",
-    [({"flash": "yes"}, "unknown model args \\['flash'\\]"), ({"dtype": "float8"}, "dtype='float8'"),
-     ({"batch_size": "auto"}, "batch_size must be a positive integer")],
+    [
+        ({"flash": "yes"}, "unknown model args \\['flash'\\]"),
+        ({"dtype": "float8"}, "dtype='float8'"),
+        ({"batch_size": "auto"}, "batch_size must be a positive integer"),
+    ],
 )
 def test_hf_causal_lm_rejects_bad_model_args(tiny_model_dir, args, message):
     from lmms_talo.harness.lmms.text_model import CausalLM, ModelArgumentError
@@ -216,15 +259,28 @@ def test_hf_causal_lm_rejects_bad_model_args(tiny_model_dir, args, message):
         CausalLM(pretrained=str(tiny_model_dir("llama")), device="cpu", **args)
 
 
+@pytest.mark.e2e
 def test_the_lm_eval_path_imports_no_lmms_eval_module(oracle_tasks, tmp_path):
     """A TaLo evaluation through lm-eval in a process where `import lmms_eval` fails: the harness seam
     keeps every lmms-eval import on the lmms-eval side (lmms_talo.harness.base)."""
     model_dir, folder = oracle_tasks
     report = tmp_path / "report.json"
     args = [
-        "lm-eval", "--model", "talo_hf", "--model_args", f"pretrained={model_dir},{TALO_ARGS},report={report}",
-        "--tasks", "bb_oracle,bb_oracle_gen", "--include_path", str(folder / "lm_eval"),
-        "--output_path", str(tmp_path / "out"), "--batch_size", "4", "--device", "cpu",
+        "lm-eval",
+        "--model",
+        "talo_hf",
+        "--model_args",
+        f"pretrained={model_dir},{TALO_ARGS},report={report}",
+        "--tasks",
+        "bb_oracle,bb_oracle_gen",
+        "--include_path",
+        str(folder / "lm_eval"),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
     ]
     program = (
         "import sys\n"
@@ -235,7 +291,9 @@ def test_the_lm_eval_path_imports_no_lmms_eval_module(oracle_tasks, tmp_path):
         "assert not loaded, loaded\n"
         "sys.exit(code)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, env=cli_env(), timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", program, *args], capture_output=True, text=True, env=cli_env(), timeout=900
+    )
     assert proc.returncode == 0, f"lm-eval without lmms-eval failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     by_task = _by_task(json.loads(report.read_text()))
     assert by_task["bb_oracle"]["selected_layer"] == ORACLE_LAYER
@@ -243,6 +301,7 @@ def test_the_lm_eval_path_imports_no_lmms_eval_module(oracle_tasks, tmp_path):
     assert sorted((tmp_path / "out").rglob("results_*.json"))
 
 
+@pytest.mark.e2e
 def test_the_pinned_lm_eval_finds_talo_hf_only_through_the_wrapper():
     """lm-eval 0.4.13 reads no entry-point group for models, so `lm_eval --model talo_hf` alone cannot
     find the model and `lmms-talo lm-eval` registers it first (README). Should a release add model
@@ -250,9 +309,38 @@ def test_the_pinned_lm_eval_finds_talo_hf_only_through_the_wrapper():
     program = (
         "import lm_eval.models\n"
         "from lm_eval.api.registry import get_model\n"
-        "try:\n    get_model('talo_hf')\nexcept Exception as exc:\n    print('unknown:', exc)\nelse:\n    print('found')\n"
-        "from lmms_talo.harness.lm_eval.model import register\nregister()\nprint('registered:', get_model('talo_hf').__name__)\n"
+        "try:\n    get_model('talo_hf')\n"
+        "except Exception as exc:\n    print('unknown:', exc)\n"
+        "else:\n    print('found')\n"
+        "from lmms_talo.harness.lm_eval.model import register\n"
+        "register()\n"
+        "print('registered:', get_model('talo_hf').__name__)\n"
     )
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unknown:" in proc.stdout and "registered: TaloHFLM" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_lm_evals_response_cache_keeps_the_talo_record_and_predict_only_is_recorded(oracle_tasks, tmp_path):
+    """`--use_cache`: a second run that changes only its output and report paths is served TaLo's
+    answers from lm-eval's cache under TaLo's key, and still decides, reports and tags its samples;
+    its --predict_only is recorded and logged."""
+    model_dir, folder = oracle_tasks
+    cache = tmp_path / "cache" / "lm"
+    _run_lm_eval(model_dir, folder, tmp_path / "first", tmp_path / "first.json", "--use_cache", str(cache))
+    first = _by_task(json.loads((tmp_path / "first.json").read_text()))
+    results, proc = _run_lm_eval(
+        model_dir, folder, tmp_path / "again", tmp_path / "again.json", "--use_cache", str(cache), "--predict_only"
+    )
+    report = json.loads((tmp_path / "again.json").read_text())
+    again = _by_task(report)
+    mc = again["bb_oracle"]
+    assert mc["selected_layer"] == ORACLE_LAYER == first["bb_oracle"]["selected_layer"]
+    assert first["bb_oracle"]["answers_from_cache"] == 0 and mc["answers_from_cache"] > 0
+    assert results["talo"]["subtasks"]["bb_oracle"]["knockout"] == [ORACLE_LAYER]
+    (mc_samples,) = (tmp_path / "again").rglob("samples_bb_oracle_2*.jsonl")
+    rows = [json.loads(line) for line in mc_samples.read_text().splitlines()]
+    assert rows and all(r["talo"]["knockout"] == [ORACLE_LAYER] for r in rows)
+    assert report["harness_run"]["predict_only"] is True
+    assert "--predict_only: TaLo still scores its probe docs" in proc.stdout + proc.stderr

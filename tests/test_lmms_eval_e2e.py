@@ -3,9 +3,10 @@
 import json
 
 import pytest
-
 from cli_tasks import run_lmms_eval, samples, write_image_task
 from tiny_models import LMMS_EVAL_MODEL_ARGS
+
+pytestmark = pytest.mark.e2e
 
 N_DOCS = 30
 SHOTS = 4
@@ -39,7 +40,9 @@ def test_oracle_task_selects_the_knocked_out_layer(tmp_path, tiny_model_dir, cas
 
     folder = write_image_task(tmp_path / "oracle_task", "talo_oracle", oracle)
     report_path = tmp_path / "report.json"
-    args = f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},report={report_path},state_dir=none"
+    args = (
+        f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},report={report_path},state_dir=none"
+    )
     results, proc = run_lmms_eval(model, args, "talo_oracle", folder, tmp_path / "out", *extra)
 
     assert results["results"]["talo_oracle"]["exact_match,none"] == 1.0
@@ -56,7 +59,9 @@ def test_oracle_task_selects_the_knocked_out_layer(tmp_path, tiny_model_dir, cas
 
     # lmms-eval's own files carry the decision: a `talo` block beside `results`, a `talo` field per sample row
     block = results["talo"]
-    assert block["plugin"] == "lmms-talo" and block["args"]["probe_shots"] == SHOTS and block["report"] == str(report_path)
+    assert (
+        block["plugin"] == "lmms-talo" and block["args"]["probe_shots"] == SHOTS and block["report"] == str(report_path)
+    )
     assert block["subtasks"]["talo_oracle"]["knockout"] == [ORACLE_LAYER]
     assert block["subtasks"]["talo_oracle"]["test_score_talo"] == 1.0
     assert "talo" not in results["results"] and set(results["results"]["talo_oracle"]) >= {"exact_match,none"}
@@ -75,7 +80,8 @@ def _hub_card_step_reads_the_results_and_ignores_talos_files(output):
 
     talo_files = ["talo_report.json", "talo_interaction_heatmap.png", "model/talo_report.json"]
     assert get_results_filenames(talo_files) == [] and get_sample_results_filenames(talo_files) == []
-    (own,) = output.rglob("*_samples_talo_oracle.jsonl")  # the probe log is picked exactly as lmms-eval's own sample file
+    # the probe log is picked exactly as lmms-eval's own sample file
+    (own,) = output.rglob("*_samples_talo_oracle.jsonl")
     probe = own.with_name(own.name.replace(".jsonl", "_talo_probe.jsonl"))
     assert probe.exists()
     names = [str(p.relative_to(output)) for p in (own, probe)]
@@ -90,8 +96,13 @@ def test_limit_and_predict_only_are_stated_and_recorded(tmp_path, tiny_model_dir
     model, arch, extra = CASES["llava"]
     folder = write_image_task(tmp_path / "task", "talo_plain", ["?"] * N_DOCS)
     report_path = tmp_path / "report.json"
-    args = f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1-2,max_redraws=0,report={report_path},state_dir=none"
-    _, proc = run_lmms_eval(model, args, "talo_plain", folder, tmp_path / "out", *extra, "--limit", "12", "--predict_only")
+    args = (
+        f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1-2,max_redraws=0,"
+        f"report={report_path},state_dir=none"
+    )
+    _, proc = run_lmms_eval(
+        model, args, "talo_plain", folder, tmp_path / "out", *extra, "--limit", "12", "--predict_only"
+    )
     report = json.loads(report_path.read_text())
     assert report["harness_run"] == {"limit": 12, "predict_only": True}
     (group,) = report["subtasks"]
@@ -99,23 +110,46 @@ def test_limit_and_predict_only_are_stated_and_recorded(tmp_path, tiny_model_dir
     assert "--limit 12: each probe split is drawn from the limited docs" in proc.stderr
     assert "--predict_only: TaLo still scores its probe docs" in proc.stderr
     # the cost, said before the sweep and measured after its first pass; the bar (--verbosity DEBUG)
-    assert "1 sub-task(s) to probe (0 not probed), 3 variants each" in proc.stderr and "round 0 alone is up to 9 probe passes" in proc.stderr
+    assert (
+        "1 sub-task(s) to probe (0 not probed), 3 variants each" in proc.stderr
+        and "round 0 alone is up to 9 probe passes" in proc.stderr
+    )
     assert "one probe pass took" in proc.stderr and "TaLo probe passes (generate_until)" in proc.stderr
+
 
 def test_wandb_offline_run_holds_the_interaction_table_and_heatmap(tmp_path, tiny_model_dir):
     """lmms-eval's --wandb_args with WANDB_MODE=offline: the run's files hold TaLo's table and image."""
-    import os
     import subprocess
     import sys
 
-    from harness import cli_env
+    from cli_tasks import cli_env
 
     model, arch, extra = CASES["llava"]
     folder = write_image_task(tmp_path / "task", "talo_wb", ["?"] * 12)
-    args = f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1-2,max_redraws=0,report={tmp_path / 'r.json'},state_dir=none"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", args, "--tasks", "talo_wb",
-           "--include_path", str(folder), "--output_path", str(tmp_path / "out"), "--batch_size", "1",
-           "--wandb_args", f"project=talo_test,dir={tmp_path}", *extra]
+    args = (
+        f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1-2,max_redraws=0,"
+        f"report={tmp_path / 'r.json'},state_dir=none"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        model,
+        "--model_args",
+        args,
+        "--tasks",
+        "talo_wb",
+        "--include_path",
+        str(folder),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "1",
+        "--wandb_args",
+        f"project=talo_test,dir={tmp_path}",
+        *extra,
+    ]
     env = {**cli_env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -134,16 +168,23 @@ def test_probe_passes_are_logged_beside_the_sample_file_and_rescore_offline(tmp_
     model, arch, extra = CASES["llava"]
     answers = [f"a{i % 4}" for i in range(15)]
     folder = write_image_task(tmp_path / "task", "talo_logged", answers)
-    args = f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1-2,max_redraws=0,report={tmp_path / 'r.json'},state_dir=none"
+    args = (
+        f"pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots=3,layers=1-2,max_redraws=0,"
+        f"report={tmp_path / 'r.json'},state_dir=none"
+    )
     run_lmms_eval(model, args, "talo_logged", folder, tmp_path / "out", *extra)
     (own,) = (tmp_path / "out").rglob("*_samples_talo_logged.jsonl")
     (probe,) = (tmp_path / "out").rglob("*_samples_talo_logged_talo_probe.jsonl")
     assert probe.parent == own.parent and probe.name == own.name.replace(".jsonl", "_talo_probe.jsonl")
     header, *rows = [json.loads(line) for line in probe.read_text().splitlines()]
     (group,) = json.loads((tmp_path / "r.json").read_text())["subtasks"]
-    assert header["kind"] == "subtask" and header["subtask"] == group["subtask"] and all(r["kind"] == "pass" for r in rows)
+    assert (
+        header["kind"] == "subtask" and header["subtask"] == group["subtask"] and all(r["kind"] == "pass" for r in rows)
+    )
     assert header["rounds"] == [{k: r[k] for k in ("round", "drawn", "probe_docs")} for r in group["rounds"]]
-    assert {(r["variant"], r["unit"]) for r in rows} == {(v, d) for v, docs in group["probe_doc_scores"].items() for d in docs}
+    assert {(r["variant"], r["unit"]) for r in rows} == {
+        (v, d) for v, docs in group["probe_doc_scores"].items() for d in docs
+    }
     for row in rows:
         (doc,) = row["doc_ids"]
         rescored = float(row["responses"][0].strip() == answers[doc])
@@ -157,7 +198,7 @@ def _probe_log_is_redecided_offline(probe, group, tmp_path):
     import subprocess
     import sys
 
-    from harness import cli_env
+    from cli_tasks import cli_env
 
     from lmms_talo.outputs.probe_log import report_from_probe_log
 
@@ -174,7 +215,12 @@ def _probe_log_is_redecided_offline(probe, group, tmp_path):
     (changed,) = report_from_probe_log(rescored)["subtasks"]
     assert changed["selected_layers"] == [2] and changed["interaction_vector"]["2"] == 1.0
     assert changed["recorded_selected_layers"] == group["selected_layers"]
-    proc = subprocess.run([sys.executable, "-m", "lmms_talo", "analyze", str(rescored), "-o", str(tmp_path / "analysis")],
-                          capture_output=True, text=True, env=cli_env(), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_talo", "analyze", str(rescored), "-o", str(tmp_path / "analysis")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert group["subtask"] in (tmp_path / "analysis" / "report.md").read_text()

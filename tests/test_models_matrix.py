@@ -9,10 +9,12 @@ import json
 
 import pytest
 import torch
-
 from cli_tasks import write_image_task
-from lmms_talo.method.backbone import unwrap
 from tiny_models import LMMS_EVAL_MODEL_ARGS
+
+from lmms_talo.method.backbone import unwrap
+
+pytestmark = pytest.mark.e2e
 
 N_DOCS = 12
 SHOTS = 2
@@ -27,6 +29,12 @@ MATRIX = [  # (TaLo model, architecture, force_simple, extra model args)
     ("talo_internvl", "internvl", False, ""),
     ("talo", "llava", True, "base=llava_hf,"),
 ]
+MATRIX_IDS = [f"{m[0]}-{m[1]}-{'simple' if m[2] else 'chat'}" for m in MATRIX]
+# How each run's final probe round ends, fixed in advance: "swept" (the base model misses a probe doc,
+# every candidate layer runs, the interaction vector holds them all) or "perfect" (the base model is
+# right on every probe doc, no layer runs, the vector is empty). The tiny random models never say the
+# task's answers, so every run sweeps; a run that ends the other way fails rather than passing as it.
+FINAL_ROUND = dict.fromkeys(MATRIX_IDS, "swept")
 
 
 def _digest(model) -> str:
@@ -46,11 +54,34 @@ def evaluate(model_name, model_args, folder, task, force_simple, **kwargs):
     model = lm.model  # lmms-eval's clean() drops the model from the wrapper after the run
     loaded = _digest(model)
     results = simple_evaluate(
-        model=lm, tasks=[task], task_manager=TaskManager(include_path=str(folder)), batch_size=1,
-        force_simple=force_simple, **kwargs,
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(folder)),
+        batch_size=1,
+        force_simple=force_simple,
+        **kwargs,
     )
     assert _digest(model) == loaded, "the model must be exactly as loaded after the run"
     return lm, results
+
+
+def _errors_logged_while_capturing_prompts(monkeypatch) -> list:
+    """Every ERROR the model classes log (loguru) while the screen captures a prompt."""
+    from loguru import logger
+
+    import lmms_talo.method.screen as screen
+
+    errors, capture = [], screen.capture_prompt
+
+    def watched(model, run):
+        sink = logger.add(lambda message: errors.append(message.record["message"]), level="ERROR")
+        try:
+            return capture(model, run)
+        finally:
+            logger.remove(sink)
+
+    monkeypatch.setattr(screen, "capture_prompt", watched)
+    return errors
 
 
 def _report_doc_mean(group) -> float:
@@ -59,19 +90,30 @@ def _report_doc_mean(group) -> float:
 
 
 @pytest.mark.parametrize("sweep", ["full", "screen"])
-@pytest.mark.parametrize("model_name, arch, force_simple, extra", MATRIX, ids=[f"{m[0]}-{m[1]}-{'simple' if m[2] else 'chat'}" for m in MATRIX])
-def test_named_model_runs_talo(tmp_path, tiny_model_dir, model_name, arch, force_simple, extra, sweep):
+@pytest.mark.parametrize("model_name, arch, force_simple, extra", MATRIX, ids=MATRIX_IDS)
+def test_each_named_model_gives_a_complete_report_scored_as_lmms_eval_and_is_left_as_loaded(
+    tmp_path, tiny_model_dir, model_name, arch, force_simple, extra, sweep, monkeypatch
+):
     """sweep=screen with screen_top = every candidate runs the whole sweep exactly after its gradient
     pass, so the same checks hold; the screen's record must say how it scored the options."""
     folder = write_image_task(tmp_path / "task", "talo_gen", [f"a{i % 3}" for i in range(N_DOCS)])
     report_path = tmp_path / "report.json"
-    args = (f"{extra}pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},"
-            f"report={report_path},state_dir=none,sweep={sweep},screen_top=3")
+    args = (
+        f"{extra}pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},"
+        f"report={report_path},state_dir=none,sweep={sweep},screen_top=3"
+    )
+    errors = _errors_logged_while_capturing_prompts(monkeypatch)
     lm, results = evaluate(model_name, args, folder, "talo_gen", force_simple)
+    assert errors == [], "the screen's prompt capture cuts generation short: no model class may log that as an error"
     report = json.loads(report_path.read_text())
     (group,) = report["subtasks"]
     assert group["candidate_layers"] == [1, 2, 3]
-    assert set(group["interaction_vector"]) == {"1", "2", "3"} or group["rounds"][-1]["baseline"] == 1.0
+    final = group["rounds"][-1]
+    if FINAL_ROUND[f"{model_name}-{arch}-{'simple' if force_simple else 'chat'}"] == "swept":
+        assert final["baseline"] < 1.0 and set(final["layer_scores"]) == {"1", "2", "3"}
+        assert set(group["interaction_vector"]) == {"1", "2", "3"}
+    else:
+        assert final["baseline"] == 1.0 and not final["layer_scores"] and not group["interaction_vector"]
     assert group["selection_reason"]
     assert group["probe_doc_scores"]["base"]
     # TaLo's scorer agrees with lmms-eval's own aggregate over all answered docs.
@@ -89,10 +131,17 @@ def test_loglikelihood_multiple_choice(tmp_path, tiny_model_dir):
     choices = [["red", "green", "blue"], ["one", "two", "three"], ["cat", "dog", "fox"]]
     docs = [choices[i % 3] for i in range(18)]
     folder = write_image_task(
-        tmp_path / "task", "talo_mc", [c[i % 3] for i, c in enumerate(docs)], output_type="multiple_choice", choices=docs
+        tmp_path / "task",
+        "talo_mc",
+        [c[i % 3] for i, c in enumerate(docs)],
+        output_type="multiple_choice",
+        choices=docs,
     )
     report_path = tmp_path / "report.json"
-    args = f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=3,report={report_path},state_dir=none"
+    args = (
+        f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=3,"
+        f"report={report_path},state_dir=none"
+    )
     _, results = evaluate("talo_llava", args, folder, "talo_mc", True)
     (group,) = json.loads(report_path.read_text())["subtasks"]
     assert group["request_type"] == "loglikelihood"
@@ -104,8 +153,10 @@ def test_category_granularity_selects_per_category(tmp_path, tiny_model_dir):
     categories = ["maps"] * 9 + ["charts"] * 12
     folder = write_image_task(tmp_path / "task", "talo_cat", ["x"] * 21, categories=categories)
     report_path = tmp_path / "report.json"
-    args = (f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=3,"
-            f"category_field=category,report={report_path},state_dir=none")
+    args = (
+        f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=3,"
+        f"category_field=category,report={report_path},state_dir=none"
+    )
     evaluate("talo_llava", args, folder, "talo_cat", True)
     groups = {g["subtask"]: g for g in json.loads(report_path.read_text())["subtasks"]}
     assert set(groups) == {"talo_cat/maps", "talo_cat/charts"}
@@ -124,8 +175,14 @@ def test_response_cache_never_mixes_base_and_knockout(tmp_path, tiny_model_dir):
         from lmms_eval.tasks import TaskManager
 
         results = simple_evaluate(
-            model=model_name, model_args=args, tasks=["talo_cache"], batch_size=1, force_simple=True,
-            task_manager=TaskManager(include_path=str(folder)), use_cache=use_cache, log_samples=True,
+            model=model_name,
+            model_args=args,
+            tasks=["talo_cache"],
+            batch_size=1,
+            force_simple=True,
+            task_manager=TaskManager(include_path=str(folder)),
+            use_cache=use_cache,
+            log_samples=True,
         )
         return [s["filtered_resps"] for s in results["samples"]["talo_cache"]]
 
@@ -141,8 +198,10 @@ def test_probe_passes_are_kept_only_while_the_harness_logs_samples(tmp_path, tin
     """The probe log goes beside the sample rows; without them TaLo keeps no probe pass past its sub-task."""
     model_name, arch, force_simple, extra = MATRIX[0]
     folder = write_image_task(tmp_path / "task", "talo_gen", [f"a{i % 3}" for i in range(N_DOCS)])
-    args = (f"{extra}pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},"
-            f"report={tmp_path / 'report.json'},state_dir=none")
+    args = (
+        f"{extra}pretrained={tiny_model_dir(arch)},{LMMS_EVAL_MODEL_ARGS[arch]},probe_shots={SHOTS},"
+        f"report={tmp_path / 'report.json'},state_dir=none"
+    )
     lm, results = evaluate(model_name, args, folder, "talo_gen", force_simple, log_samples=log_samples)
     assert ("samples" in results) is log_samples
     if log_samples:

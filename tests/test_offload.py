@@ -2,18 +2,26 @@
 
 import pytest
 import torch
+from tiny_models import example_inputs, load_processor, load_tiny
 from transformers import AutoModelForCausalLM
 
 from lmms_talo.method.interventions import Knockout, knocked_out
-from tiny_models import example_inputs, load_processor, load_tiny
 
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, tmp_path_factory):
     path = tiny_model_dir("llama")
     resident = load_tiny("llama", path)
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-                  "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu", "model.layers.3": "disk"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.layers.3": "disk",
+    }
     offloaded = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path_factory.mktemp("offload"))
     ).eval()

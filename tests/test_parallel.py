@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from cli_tasks import cli_env, samples, write_image_task
+from test_sweep import LAYERS, ScoreTable, random_table
+from tiny_models import LMMS_EVAL_MODEL_ARGS
+
 from lmms_talo.method.parallel import Ranks
 from lmms_talo.method.probe_split import split_subtask
 from lmms_talo.method.rules import make_rule
-from lmms_talo.outputs.probe_store import ProbeStore
 from lmms_talo.method.sweep import LayerSweep
-from test_sweep import LAYERS, ScoreTable, random_table
-from tiny_models import LMMS_EVAL_MODEL_ARGS
+from lmms_talo.outputs.probe_store import ProbeStore
 
 CASES = 25
 
@@ -49,8 +49,14 @@ def _sweep_all(ranks):
             result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode, ranks=ranks, rule=rule).run(
                 split, LAYERS, "zero", 3
             )
-            out.append({"mode": mode, "rounds": [(o.selected, o.layer_scores, o.reason) for o in result.rounds],
-                        "doc_scores": result.doc_scores, "ran": sorted({label for label, _ in model.runs} - {"base"})})
+            out.append(
+                {
+                    "mode": mode,
+                    "rounds": [(o.selected, o.layer_scores, o.reason) for o in result.rounds],
+                    "doc_scores": result.doc_scores,
+                    "ran": sorted({label for label, _ in model.runs} - {"base"}),
+                }
+            )
     return out
 
 
@@ -64,6 +70,7 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_ranks_decide_like_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     alone = json.loads(json.dumps(_sweep_all(Ranks())))
@@ -86,14 +93,43 @@ def _launch_lmms_eval(model_args, tasks, include_path, output):
     `--multi_gpu` is accelerate's torchrun launcher (`--cpu --num_processes 2` starts one process:
     accelerate's multi-CPU mode goes through mpirun)."""
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "lmms_eval", "--model", "talo_llava", "--force_simple", "--model_args", model_args,
-        "--tasks", tasks, "--include_path", str(include_path), "--output_path", str(output), "--batch_size", "1",
-        "--verbosity", "DEBUG", "--log_samples",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "lmms_eval",
+        "--model",
+        "talo_llava",
+        "--force_simple",
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(include_path),
+        "--output_path",
+        str(output),
+        "--batch_size",
+        "1",
+        "--verbosity",
+        "DEBUG",
+        "--log_samples",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=900)
-    assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     assert "Running on rank 1" in proc.stderr + proc.stdout
     (results,) = sorted(output.rglob("*_results.json"))
     return json.loads(results.read_text())
@@ -103,7 +139,7 @@ def _text(filtered):
     return filtered if isinstance(filtered, str) else filtered[0]
 
 
-# Work counters and timings describe one process's share of the work, not the result.
+# Work counters (summed over the ranks) and timings describe the work, not the result.
 PER_PROCESS = {"sweep_seconds", "eval_seconds", "probe_docs_computed", "probe_docs_reused", "sweep_replay", "memory"}
 
 
@@ -119,16 +155,25 @@ def _in_process(model_args, task, folder):
     from lmms_eval.tasks import TaskManager
 
     lm = get_model("talo_llava", True).create_from_arg_string(model_args)
-    out = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(folder)), batch_size=1,
-                          force_simple=True, log_samples=True)
+    out = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(folder)),
+        batch_size=1,
+        force_simple=True,
+        log_samples=True,
+    )
     return out["results"][task], {s["doc_id"]: _text(s["filtered_resps"]).strip() for s in out["samples"][task]}
 
 
+@pytest.mark.e2e
 def test_two_processes_give_the_same_report_and_results(tmp_path, tiny_model_dir):
     model_dir = tiny_model_dir("llava")
     base_args = f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=4,state_dir=none,compare_base=true"
     seed = write_image_task(tmp_path / "seed", "talo_par_seed", ["?"] * N_DOCS)
-    _, oracle_answers = _in_process(f"{base_args},force_layer={ORACLE_LAYER},report={tmp_path / 'seed.json'}", "talo_par_seed", seed)
+    _, oracle_answers = _in_process(
+        f"{base_args},force_layer={ORACLE_LAYER},report={tmp_path / 'seed.json'}", "talo_par_seed", seed
+    )
     oracle = write_image_task(tmp_path / "oracle", "talo_par", [oracle_answers[i] for i in range(N_DOCS)])
 
     one, one_answers = _in_process(f"{base_args},report={tmp_path / 'one.json'}", "talo_par", oracle)
@@ -139,5 +184,9 @@ def test_two_processes_give_the_same_report_and_results(tmp_path, tiny_model_dir
     (group,) = json.loads((tmp_path / "two.json").read_text())["subtasks"]
     assert group["selected_layer"] == ORACLE_LAYER
     assert group["test"]["talo"]["n"] == N_DOCS - len(group["pool"])  # both ranks' test docs
+    # the work counters are every rank's, summed: the ranks ran at least every pass one process ran
+    (alone,) = json.loads((tmp_path / "one.json").read_text())["subtasks"]
+    assert group["probe_docs_computed"] >= alone["probe_docs_computed"] > 0
+    assert group["sweep_replay"]["layers_computed"] >= alone["sweep_replay"]["layers_computed"]
     two_answers = {s["doc_id"]: _text(s["filtered_resps"]).strip() for s in samples(tmp_path / "two", "talo_par")}
     assert two_answers == one_answers

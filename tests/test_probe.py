@@ -8,7 +8,7 @@ from lmms_talo.method.probe_split import ProbeSplitError, pool_size, split_subta
 
 
 @pytest.mark.parametrize("n, shots", [(30, 4), (31, 10), (100, 10), (500, 10), (500, 15), (500, 20), (60, 20)])
-def test_sizes_and_disjointness(n, shots):
+def test_pool_is_a_third_capped_at_4k_disjoint_from_the_test_docs_and_holds_the_k_probe_docs(n, shots):
     keys = list(range(n))
     split = split_subtask("task/cat", keys, shots, seed=0)
     assert len(split.pool) == min(n // 3, 4 * shots) == pool_size(n, shots)

@@ -7,16 +7,16 @@ import json
 
 import numpy as np
 import pytest
+from test_confirm import LAYERS, N_DOCS, SHOTS, Table, null_table, planted_table
 
 from lmms_talo.method.config import TaloConfig
 from lmms_talo.method.probe_split import split_subtask
+from lmms_talo.method.selection import select_knockout
+from lmms_talo.method.sweep import LayerSweep
 from lmms_talo.outputs.probe_log import ProbeLogError, probe_log_rows, report_from_probe_log
+from lmms_talo.outputs.probe_store import ProbeStore
 from lmms_talo.outputs.report import GroupReport
 from lmms_talo.outputs.report_reader import ReportError, load_run
-from lmms_talo.method.selection import select_knockout
-from lmms_talo.outputs.probe_store import ProbeStore
-from lmms_talo.method.sweep import LayerSweep
-from test_confirm import LAYERS, N_DOCS, SHOTS, Table, null_table, planted_table
 
 
 def run_and_log(table: Table, seed: int, path, **args):
@@ -27,7 +27,11 @@ def run_and_log(table: Table, seed: int, path, **args):
     sweeps = []
 
     def make_sweep():
-        sweeps.append(LayerSweep(table.answer, table.score, ProbeStore(None, {}), rule=config.selection_rule(), statistic=statistic))
+        sweeps.append(
+            LayerSweep(
+                table.answer, table.score, ProbeStore(None, {}), rule=config.selection_rule(), statistic=statistic
+            )
+        )
         return sweeps[-1]
 
     selection = select_knockout(split, config, LAYERS, make_sweep)
@@ -44,7 +48,14 @@ def redecided(path) -> dict:
 
 
 def same_decision(entry: dict, recorded: dict) -> None:
-    for key in ("selected_layers", "selection_reason", "interaction_vector", "interaction_holm_p", "probe_docs", "tied_layers"):
+    for key in (
+        "selected_layers",
+        "selection_reason",
+        "interaction_vector",
+        "interaction_holm_p",
+        "probe_docs",
+        "tied_layers",
+    ):
         assert entry[key] == recorded[key], key
     keys = ("round", "drawn", "probe_docs", "baseline", "layer_scores", "selected", "reason", "p_values", "holm_p")
     assert [{k: r[k] for k in keys} for r in entry["rounds"]] == [{k: r[k] for k in keys} for r in recorded["rounds"]]
@@ -53,7 +64,9 @@ def same_decision(entry: dict, recorded: dict) -> None:
 def test_every_round_of_the_authors_protocol_is_redecided_as_run(tmp_path):
     rounds = []
     for seed in range(6):
-        recorded = run_and_log(null_table(np.random.default_rng(seed)), seed, tmp_path / "t_talo_probe.jsonl", threshold=0.4)
+        recorded = run_and_log(
+            null_table(np.random.default_rng(seed)), seed, tmp_path / "t_talo_probe.jsonl", threshold=0.4
+        )
         rounds.append(len(recorded["rounds"]))
         entry = redecided(tmp_path / "t_talo_probe.jsonl")
         same_decision(entry, recorded)
@@ -65,14 +78,17 @@ def test_every_round_of_the_authors_protocol_is_redecided_as_run(tmp_path):
 def test_a_confirmed_selection_is_reconfirmed_from_the_logged_confirmation_passes(tmp_path, stat):
     rng = np.random.default_rng(2)
     table = planted_table(rng)
-    table.margins = {label: {d: s + rng.normal(0, 0.1) for d, s in scores.items()} for label, scores in table.scores.items()}
+    table.margins = {
+        label: {d: s + rng.normal(0, 0.1) for d, s in scores.items()} for label, scores in table.scores.items()
+    }
     recorded = run_and_log(table, 0, tmp_path / "c_talo_probe.jsonl", select_rule="confirm", select_stat=stat)
     entry = redecided(tmp_path / "c_talo_probe.jsonl")
     same_decision(entry, recorded)
     counters = ("docs_computed", "docs_reused")  # the run's cost, not re-run offline
     assert recorded["selected_layers"] == [3] and recorded["confirmation"]["docs_computed"] > 0
     assert {k: v for k, v in entry["confirmation"].items() if k not in counters} == {
-        k: v for k, v in recorded["confirmation"].items() if k not in counters}
+        k: v for k, v in recorded["confirmation"].items() if k not in counters
+    }
 
 
 def test_rescored_passes_change_the_decision_and_the_note_says_what_the_log_lacks(tmp_path):
@@ -81,7 +97,9 @@ def test_rescored_passes_change_the_decision_and_the_note_says_what_the_log_lack
     assert recorded["selected_layers"] == [3] and len(recorded["rounds"]) == 1
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     for row in rows[1:]:
-        row["score"] = 1.0 if row["variant"] in ("base", "7") else 0.0  # re-scored: only layer 7 keeps the base's answers
+        row["score"] = (
+            1.0 if row["variant"] in ("base", "7") else 0.0
+        )  # re-scored: only layer 7 keeps the base's answers
     log.write_text("".join(json.dumps(row) + "\n" for row in rows))
     entry = redecided(log)
     assert entry["selected_layers"] == [] and entry["recorded_selected_layers"] == [3]

@@ -6,8 +6,8 @@ import pytest
 from lmms_talo.method.config import TaloArgumentError, TaloConfig
 from lmms_talo.method.probe_split import FIRST_DRAW, ProbeSplit, split_subtask
 from lmms_talo.method.rules import make_rule
-from lmms_talo.outputs.probe_store import ProbeStore
 from lmms_talo.method.sweep import LayerSweep
+from lmms_talo.outputs.probe_store import ProbeStore
 
 LAYERS = (1, 2, 3)
 SHOTS = 10
@@ -32,7 +32,9 @@ class Table:
 
 def run(split, table, mode="full", threshold=0.0, **kwargs):
     rule = make_rule("gain", threshold=threshold)
-    return LayerSweep(table.answer, table.score, ProbeStore(None, {}), mode=mode, rule=rule).run(split, LAYERS, "zero", **kwargs)
+    return LayerSweep(table.answer, table.score, ProbeStore(None, {}), mode=mode, rule=rule).run(
+        split, LAYERS, "zero", **kwargs
+    )
 
 
 def disjoint(rounds):
@@ -45,7 +47,11 @@ def test_no_gain_redraws_k_plus_r_plus_1_unused_docs_until_fewer_than_k_remain(m
     split = split_subtask("t", list(range(300)), SHOTS, seed=0)  # pool: min(100, 40) = 40
     result = run(split, Table(lambda d: 0.5), mode)
     assert [len(r.docs) for r in result.probe_rounds] == [10, 11, 12]  # 33 used, 7 left < k
-    assert [r.why for r in result.probe_rounds] == [FIRST_DRAW, "no positive gain on round 0", "no positive gain on round 1"]
+    assert [r.why for r in result.probe_rounds] == [
+        FIRST_DRAW,
+        "no positive gain on round 0",
+        "no positive gain on round 1",
+    ]
     assert disjoint(result.probe_rounds) and {d for r in result.probe_rounds for d in r.docs} <= set(split.pool)
     assert [o.probe_docs for o in result.rounds] == [r.docs for r in result.probe_rounds]
     assert result.selected is None
@@ -59,7 +65,11 @@ def test_a_perfect_round_0_is_redrawn_unswept_and_counts_as_a_redraw():
     result = run(split, table)
     sizes = [len(r.docs) for r in result.probe_rounds]
     assert sizes == [10, 10, 12]  # perfect: k again; then no gain after 1 redraw: k + 1 + 1; 32 used, 8 left
-    assert [r.why for r in result.probe_rounds] == [FIRST_DRAW, "baseline perfect on round 0", "no positive gain on round 1"]
+    assert [r.why for r in result.probe_rounds] == [
+        FIRST_DRAW,
+        "baseline perfect on round 0",
+        "no positive gain on round 1",
+    ]
     assert disjoint(result.probe_rounds)
     assert not [d for label, d in table.runs if label != "base" and d in first], "round 0's layers were swept"
     assert result.rounds[0].layer_scores == {} and result.rounds[1].layer_scores
@@ -70,7 +80,11 @@ def test_a_perfect_later_round_is_a_round_without_gain():
     split = split_subtask("t", list(range(300)), SHOTS, seed=2)
     first = set(split.first_round().docs)
     result = run(split, Table(lambda d: 0.0 if d in first else 1.0))  # round 0 imperfect, later rounds perfect
-    assert [r.why for r in result.probe_rounds] == [FIRST_DRAW, "no positive gain on round 0", "no positive gain on round 1"]
+    assert [r.why for r in result.probe_rounds] == [
+        FIRST_DRAW,
+        "no positive gain on round 0",
+        "no positive gain on round 1",
+    ]
 
 
 def test_the_first_round_with_a_positive_gain_decides_and_ties_go_low():
@@ -116,7 +130,7 @@ def test_stratified_redraws_draw_from_the_unused_strata():
     assert disjoint(result.probe_rounds)
 
 
-def test_protocol_args():
+def test_protocol_args_default_to_the_authors_protocol_and_bad_ones_are_refused_with_the_fix():
     assert TaloConfig().probe_protocol == "authors" and TaloConfig().max_redraws == 5
     assert TaloConfig().granularity == "auto"
     with pytest.raises(TaloArgumentError, match="resample_rounds was removed.*max_redraws"):

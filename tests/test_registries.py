@@ -4,12 +4,12 @@ import pathlib
 
 import pytest
 import torch
+from tiny_models import example_inputs, load_processor, load_tiny
 
 from lmms_talo.method import interventions
 from lmms_talo.method.config import TaloConfig
-from lmms_talo.outputs.export import export
 from lmms_talo.method.interventions import Intervention, InterventionError, Knockout, knocked_out
-from tiny_models import example_inputs, load_processor, load_tiny
+from lmms_talo.outputs.export import export
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -50,7 +50,7 @@ def test_a_registered_intervention_is_accepted_applied_and_removed(toy_registere
 
 def test_an_intervention_without_a_weight_fill_cannot_be_exported(toy_registered, tmp_path):
     with pytest.raises(InterventionError, match="cannot export 'halve'.*zero, uniform, mean"):
-        export(str(tmp_path), 1, "halve", str(tmp_path / "out"))
+        export(str(tmp_path), (1,), "halve", str(tmp_path / "out"))
 
 
 def test_an_unregistered_intervention_is_refused_with_the_registered_names():
@@ -81,8 +81,11 @@ def test_a_registered_rule_is_accepted_and_decides(monkeypatch):
     class NetWins(rules.SelectionRule):
         name = "net_wins"
 
-        def evidence(self, probe_docs, reference, layer_doc_scores, stream):
-            return {l: sum((s[d] > reference[d]) - (s[d] < reference[d]) for d in probe_docs) for l, s in layer_doc_scores.items()}
+        def evidence(self, probe_docs, reference, layer_doc_scores, stream, family=None):
+            return {
+                l: sum((s[d] > reference[d]) - (s[d] < reference[d]) for d in probe_docs)
+                for l, s in layer_doc_scores.items()
+            }
 
         def passes(self, statistic):
             return statistic >= 2

@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
-
 from cli_tasks import cli_env, run_lmms_eval, write_image_task
+from tiny_models import LMMS_EVAL_MODEL_ARGS
+
 from lmms_talo.harness.scoring import ScoringError
 from lmms_talo.outputs.probe_store import ProbeStore
-from tiny_models import LMMS_EVAL_MODEL_ARGS
 
 
 def test_store_ignores_corrupt_and_foreign_lines(tmp_path, caplog):
@@ -20,7 +20,9 @@ def test_store_ignores_corrupt_and_foreign_lines(tmp_path, caplog):
     store.put("2", 3, 0.0, [(-1.5, False)])
     with open(store.path, "a") as handle:
         handle.write("{not json\n")
-        handle.write(json.dumps({"fp": "someone-else", "variant": "base", "doc": "4", "score": 1.0, "responses": []}) + "\n")
+        handle.write(
+            json.dumps({"fp": "someone-else", "variant": "base", "doc": "4", "score": 1.0, "responses": []}) + "\n"
+        )
     with caplog.at_level("WARNING", logger="lmms_talo"):
         reread = ProbeStore(tmp_path, {"model": "m", "seed": 0})
     assert reread.get("base", 3) == (1.0, ["A"])
@@ -41,23 +43,47 @@ def _lmms_eval_cmd(model_dir, folder, output, state_dir, report):
     # One round (max_redraws=0) so that every stored result is read back at most once. Prefix
     # replay is off: with it on, a doc whose base result is stored but whose knockouts are not has
     # its base pass re-run once, by design, to record the prefix the knockouts then replay.
-    args = (f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=6,state_dir={state_dir},"
-            f"max_redraws=0,replay=false,report={report}")
-    return [sys.executable, "-m", "lmms_eval", "--model", "talo_llava", "--force_simple", "--model_args", args,
-            "--tasks", "talo_resume", "--include_path", str(folder), "--output_path", str(output),
-            "--batch_size", "1", "--verbosity", "DEBUG"]
+    args = (
+        f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=6,state_dir={state_dir},"
+        f"max_redraws=0,replay=false,report={report}"
+    )
+    return [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "talo_llava",
+        "--force_simple",
+        "--model_args",
+        args,
+        "--tasks",
+        "talo_resume",
+        "--include_path",
+        str(folder),
+        "--output_path",
+        str(output),
+        "--batch_size",
+        "1",
+        "--verbosity",
+        "DEBUG",
+    ]
 
 
 def _store_lines(state_dir):
     return sum(len(p.read_text().splitlines()) for p in state_dir.glob("*.jsonl"))
 
 
+@pytest.mark.e2e
 def test_killed_sweep_resumes_without_recomputing(tmp_path, tiny_model_dir):
     folder = _slow_task(tmp_path / "task")
     state = tmp_path / "state"
     total = 6 * 4  # probe docs x (baseline + layers 1..3), first round
-    proc = subprocess.Popen(_lmms_eval_cmd(tiny_model_dir("llava"), folder, tmp_path / "o1", state, tmp_path / "r1.json"),
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _lmms_eval_cmd(tiny_model_dir("llava"), folder, tmp_path / "o1", state, tmp_path / "r1.json"),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while _store_lines(state) < 6 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -66,31 +92,47 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path, tiny_model_dir):
     done = _store_lines(state)
     assert 0 < done < total, f"the kill must land mid-sweep ({done} of {total} results stored)"
 
-    resumed = subprocess.run(_lmms_eval_cmd(tiny_model_dir("llava"), folder, tmp_path / "o2", state, tmp_path / "r2.json"),
-                             env=cli_env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        _lmms_eval_cmd(tiny_model_dir("llava"), folder, tmp_path / "o2", state, tmp_path / "r2.json"),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (group,) = json.loads((tmp_path / "r2.json").read_text())["subtasks"]
     assert group["probe_docs_reused"] == done
     assert group["probe_docs_computed"] == total - done
 
-    fresh = subprocess.run(_lmms_eval_cmd(tiny_model_dir("llava"), folder, tmp_path / "o3", tmp_path / "fresh", tmp_path / "r3.json"),
-                           env=cli_env(), capture_output=True, text=True)
+    fresh = subprocess.run(
+        _lmms_eval_cmd(tiny_model_dir("llava"), folder, tmp_path / "o3", tmp_path / "fresh", tmp_path / "r3.json"),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert fresh.returncode == 0
     (clean,) = json.loads((tmp_path / "r3.json").read_text())["subtasks"]
     assert (clean["probe_docs_reused"], clean["probe_docs_computed"]) == (0, total)
-    assert (clean["selected_layer"], clean["interaction_vector"]) == (group["selected_layer"], group["interaction_vector"])
+    assert (clean["selected_layer"], clean["interaction_vector"]) == (
+        group["selected_layer"],
+        group["interaction_vector"],
+    )
 
 
+@pytest.mark.e2e
 def test_unwritable_report_keeps_the_results(tmp_path, tiny_model_dir):
     folder = write_image_task(tmp_path / "task", "talo_unwritable", ["a"] * 12)
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the report folder should be")
-    args = f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=2,state_dir=none,report={blocker}/r.json"
+    args = (
+        f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=2,state_dir=none,"
+        f"report={blocker}/r.json"
+    )
     results, proc = run_lmms_eval("talo_llava", args, "talo_unwritable", folder, tmp_path / "out", "--force_simple")
     assert "exact_match,none" in results["results"]["talo_unwritable"]
     assert "cannot write the report" in proc.stderr + proc.stdout
 
 
+@pytest.mark.e2e
 def test_task_without_a_scorable_metric(tmp_path, tiny_model_dir):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
@@ -100,19 +142,24 @@ def test_task_without_a_scorable_metric(tmp_path, tiny_model_dir):
     with open(folder / "utils.py", "a") as handle:
         handle.write("\n\ndef process_results(doc, results):\n    return {'prediction': {'text': results[0]}}\n")
     yaml = folder / "talo_unscorable.yaml"
-    yaml.write_text(yaml.read_text().replace(
-        "metric_list:\n  - metric: exact_match", "process_results: !function utils.process_results\nmetric_list:\n  - metric: prediction"
-    ))
+    yaml.write_text(
+        yaml.read_text().replace(
+            "metric_list:\n  - metric: exact_match",
+            "process_results: !function utils.process_results\nmetric_list:\n  - metric: prediction",
+        )
+    )
     lm = get_model("talo_llava", True).create_from_arg_string(
         f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=2,state_dir=none"
     )
     with pytest.raises(ScoringError, match="no metric TaLo can score per doc.*\\['prediction'\\].*RECORD_SCORERS"):
-        simple_evaluate(model=lm, tasks=["talo_unscorable"], task_manager=TaskManager(include_path=str(folder)), batch_size=1)
+        simple_evaluate(
+            model=lm, tasks=["talo_unscorable"], task_manager=TaskManager(include_path=str(folder)), batch_size=1
+        )
 
 
 # --- one evaluation's state ends with it (issue 12, part 3) ---
 
-POOL_TASK_UTILS = '''
+POOL_TASK_UTILS = """
 from lmms_talo.harness.pool_exclusion import SubTaskDocs, aggregate_test_docs, marked_results
 
 
@@ -123,7 +170,7 @@ def _answer_is_yes(doc, results):
 process_docs = SubTaskDocs("talo_scoped", "category", ("all",))
 process_results = marked_results(_answer_is_yes, "exact_match")
 aggregation = aggregate_test_docs(lambda scores: sum(scores) / len(scores))
-'''
+"""
 
 
 def _pool_excluding_task(folder, answers):
@@ -132,14 +179,17 @@ def _pool_excluding_task(folder, answers):
     with open(folder / "utils.py", "a") as handle:
         handle.write(POOL_TASK_UTILS)
     yaml = folder / "talo_scoped.yaml"
-    yaml.write_text(yaml.read_text().replace(
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean",
-        "process_docs: !function utils.process_docs\nprocess_results: !function utils.process_results\n"
-        "metric_list:\n  - metric: exact_match\n    aggregation: !function utils.aggregation",
-    ))
+    yaml.write_text(
+        yaml.read_text().replace(
+            "metric_list:\n  - metric: exact_match\n    aggregation: mean",
+            "process_docs: !function utils.process_docs\nprocess_results: !function utils.process_results\n"
+            "metric_list:\n  - metric: exact_match\n    aggregation: !function utils.aggregation",
+        )
+    )
     return folder
 
 
+@pytest.mark.e2e
 def test_a_plain_evaluation_after_a_talo_one_sees_none_of_its_state(tmp_path, tiny_model_dir, monkeypatch):
     """From Python, as a pipeline runs them: a TaLo run that publishes a split with no pool
     (force_layer), then a plain llava_hf run of the same pool-excluding task. The plain run must
@@ -164,11 +214,18 @@ def test_a_plain_evaluation_after_a_talo_one_sees_none_of_its_state(tmp_path, ti
     model_args = f"pretrained={tiny_model_dir('llava')},{LMMS_EVAL_MODEL_ARGS['llava']}"
 
     def evaluate(lm):
-        results = simple_evaluate(model=lm, tasks=["talo_scoped"], task_manager=TaskManager(include_path=str(folder)),
-                                  batch_size=1, force_simple=True)
+        results = simple_evaluate(
+            model=lm,
+            tasks=["talo_scoped"],
+            task_manager=TaskManager(include_path=str(folder)),
+            batch_size=1,
+            force_simple=True,
+        )
         return results["results"]["talo_scoped"]["exact_match,none"]
 
-    talo = get_model("talo_llava", True).create_from_arg_string(f"{model_args},probe_shots=3,force_layer=1,state_dir=none,report={tmp_path / 'r.json'}")
+    talo = get_model("talo_llava", True).create_from_arg_string(
+        f"{model_args},probe_shots=3,force_layer=1,state_dir=none,report={tmp_path / 'r.json'}"
+    )
     assert evaluate(talo) == all_mean, "force_layer probes nothing: every doc is a test doc"
     assert evaluation_scope.published("talo_scoped") is None and evaluation_scope.published_names() == []
     with pytest.raises(RuntimeError, match="no evaluation in progress"):
@@ -194,13 +251,19 @@ def _probe(model, cls_kind, tmp_path, tiny_model_dir, break_it):
         f"report={tmp_path / 'r.json'}"
     )
     break_it(lm)
-    simple_evaluate(model=lm, tasks=["talo_swallowed"], task_manager=TaskManager(include_path=str(folder)),
-                    batch_size=1, force_simple=cls_kind == "simple")
+    simple_evaluate(
+        model=lm,
+        tasks=["talo_swallowed"],
+        task_manager=TaskManager(include_path=str(folder)),
+        batch_size=1,
+        force_simple=cls_kind == "simple",
+    )
 
 
+@pytest.mark.e2e
 def test_a_failed_decode_in_a_probe_is_an_error_not_an_empty_answer(tmp_path, tiny_model_dir, monkeypatch):
     """lmms-eval's chat llava_hf decodes inside its generate try/except, logs the error, answers ""."""
-    from lmms_talo.harness.mixin import GenerationFailed
+    from lmms_talo.harness.failures import GenerationFailed
 
     def broken_decode(lm):
         def batch_decode(*args, **kwargs):
@@ -212,11 +275,14 @@ def test_a_failed_decode_in_a_probe_is_an_error_not_an_empty_answer(tmp_path, ti
         _probe("talo_llava", "chat", tmp_path, tiny_model_dir, broken_decode)
 
 
-def test_a_failed_image_preprocessing_in_a_probe_is_an_error_not_an_imageless_answer(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.e2e
+def test_a_failed_image_preprocessing_in_a_probe_is_an_error_not_an_imageless_answer(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """lmms-eval's simple qwen2_vl catches an image it cannot encode, logs it and answers without it."""
     from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 
-    from lmms_talo.harness.mixin import GenerationFailed
+    from lmms_talo.harness.failures import GenerationFailed
 
     def broken_image_encoding(lm):
         def encode(self, image):

@@ -76,7 +76,10 @@ def write_kv_without_cache_update(monkeypatch, model) -> None:
     monkeypatch.setattr(attention, "forward", functools.wraps(forward)(direct))
 
 
-SIMULATIONS = {"renamed_cache_argument": rename_cache_argument, "kv_written_without_update": write_kv_without_cache_update}
+SIMULATIONS = {
+    "renamed_cache_argument": rename_cache_argument,
+    "kv_written_without_update": write_kv_without_cache_update,
+}
 
 
 def _generate(model, processor, knockout):
@@ -92,7 +95,9 @@ PATHS = {"generate": _generate, "forward_then_continue": _continue}
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("simulation", sorted(SIMULATIONS))
-def test_replay_refuses_a_layer_with_a_cache_but_no_recorded_write(tiny_model_dir, monkeypatch, caplog, simulation, path):
+def test_replay_refuses_a_layer_with_a_cache_but_no_recorded_write(
+    tiny_model_dir, monkeypatch, caplog, simulation, path
+):
     model = load_tiny(ARCH, tiny_model_dir(ARCH))  # its own instance: the off switch belongs to the model
     processor = load_processor(ARCH, tiny_model_dir(ARCH))
     SIMULATIONS[simulation](monkeypatch, model)
@@ -148,8 +153,13 @@ def task_manager(tmp_path_factory):
     write_image_task(folder / "gen", "talo_guard_gen", [f"a{i % 3}" for i in range(9)])
     choices = [["one", "two"], ["red apple", "blue sky"]]
     docs = [choices[i % 3 == 2] for i in range(9)]
-    write_image_task(folder / "mc", "talo_guard_mc", [c[i % 2] for i, c in enumerate(docs)],
-                     output_type="multiple_choice", choices=docs)
+    write_image_task(
+        folder / "mc",
+        "talo_guard_mc",
+        [c[i % 2] for i, c in enumerate(docs)],
+        output_type="multiple_choice",
+        choices=docs,
+    )
     return TaskManager(include_path=[str(folder / "gen"), str(folder / "mc")])
 
 
@@ -166,8 +176,9 @@ def _sweep(tmp_path, name, tiny_model_dir, manager, monkeypatch=None, simulation
     )
     if simulation:
         SIMULATIONS[simulation](monkeypatch, lm.model)
-    simple_evaluate(model=lm, tasks=["talo_guard_gen", "talo_guard_mc"], task_manager=manager, batch_size=1,
-                    force_simple=True)
+    simple_evaluate(
+        model=lm, tasks=["talo_guard_gen", "talo_guard_mc"], task_manager=manager, batch_size=1, force_simple=True
+    )
     stores = {}
     for path in (tmp_path / name).glob("*.jsonl"):
         lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -185,6 +196,7 @@ def _assert_naive_answers(stores, naive_stores, groups):
     assert all(group["rounds"][-1]["layer_scores"] for group in groups), "no layer was swept: nothing was tested"
 
 
+@pytest.mark.e2e
 def test_a_sound_replay_passes_its_check_in_every_sweep(tmp_path, tiny_model_dir, task_manager, naive):
     stores, groups = _sweep(tmp_path, "replay", tiny_model_dir, task_manager)
     _assert_naive_answers(stores, naive[0], groups)
@@ -195,6 +207,7 @@ def test_a_sound_replay_passes_its_check_in_every_sweep(tmp_path, tiny_model_dir
     assert by_type == {"generate_until": 1, "loglikelihood": 2}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("simulation", sorted(SIMULATIONS))
 def test_lmms_eval_answers_stay_naive_and_the_report_says_replay_is_off(
     tmp_path, tiny_model_dir, task_manager, naive, monkeypatch, simulation
@@ -208,7 +221,10 @@ def test_lmms_eval_answers_stay_naive_and_the_report_says_replay_is_off(
     assert table.count("prefix replay: disabled (decoder layer 0 was given a KV cache") == 1
 
 
-def test_the_run_time_check_catches_what_record_time_cannot_see(tmp_path, tiny_model_dir, task_manager, naive, monkeypatch):
+@pytest.mark.e2e
+def test_the_run_time_check_catches_what_record_time_cannot_see(
+    tmp_path, tiny_model_dir, task_manager, naive, monkeypatch
+):
     """A renamed cache of a kind replay cannot recognise at all (the record-time guard is blinded):
     continuations then run on a cache the replayed layers never filled, and only the comparison with
     a full pass shows it. The first likelihood doc passes its check (one pass, no cache): the doc of

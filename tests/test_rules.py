@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
-from lmms_talo.method.config import TaloConfig
-from lmms_talo.method.rules import bootstrap_indices, make_rule, sign_test_p
-from lmms_talo.method.rules import decide_round
 from lmms_talo.method.probe_split import split_subtask
-from lmms_talo.outputs.probe_store import ProbeStore
+from lmms_talo.method.rules import decide_round, make_rule
+from lmms_talo.method.statistics import bootstrap_indices
 from lmms_talo.method.sweep import LayerSweep
+from lmms_talo.outputs.probe_store import ProbeStore
 
 DOCS = [str(d) for d in range(20)]
 
@@ -31,51 +28,55 @@ _, LAYER_C = scores_changing(1, 1)  # gain 0
 LAYERS = {1: LAYER_C, 2: LAYER_A, 3: LAYER_B}
 
 
-def test_sign_test_p_values_are_exact_binomial_tails():
-    assert sign_test_p([0] * 5, [1] * 5) == 1 / 32
-    assert sign_test_p([0, 0, 0, 0, 1], [1, 1, 1, 1, 0]) == 5 / 32 + 1 / 32
-    assert sign_test_p([1, 0], [1, 0]) == 1.0  # no discordant doc: no evidence
-    assert sign_test_p(BASE.values(), LAYER_A.values()) == (220 + 66 + 12 + 1) / 4096
-    assert sign_test_p([0.5], [0.75]) == 0.5  # fractional scores count by direction
-
-
 def test_gain_rule_is_the_papers_rule():
     rule = make_rule("gain")
     assert rule.decide(DOCS, BASE, LAYERS) == decide_round(DOCS, BASE, LAYERS, 0.0)
     assert rule.decide(DOCS, BASE, LAYERS).selected == 2
 
 
-def test_sign_test_prefers_the_layer_whose_gain_is_not_chance():
-    outcome = make_rule("sign_test", alpha=0.05).decide(DOCS, BASE, LAYERS, stream="t")
-    assert outcome.selected == 3  # 5 of 5 discordant docs: p = 1/32; layer 2's 9 of 12 gives p = 0.073
-    assert outcome.evidence == {1: 0.75, 2: 299 / 4096, 3: 1 / 32}
-    assert outcome.gains[2] > outcome.gains[3]
-    assert "sign_test: layer 3" in outcome.reason and "p=0.0312" in outcome.reason
-    # Stricter alpha: nothing passes, the full model is kept and the reason says why.
-    strict = make_rule("sign_test", alpha=0.01).decide(DOCS, BASE, LAYERS, stream="t")
+def test_sign_test_prefers_the_layer_whose_gain_is_not_chance_family_wise():
+    outcome = make_rule("sign_test", alpha=0.1).decide(DOCS, BASE, LAYERS, stream="t")
+    # raw p: 5 of 5 discordant docs 1/32, 9 of 12 299/4096, 1 of 2 0.75; Holm over the 3 candidates
+    assert outcome.evidence == {1: 0.75, 2: 2 * 299 / 4096, 3: 3 / 32}
+    assert outcome.selected == 3 and outcome.gains[2] > outcome.gains[3]
+    assert "sign_test: layer 3" in outcome.reason and "p=0.0938 Holm-adjusted" in outcome.reason
+    # At alpha 0.05 nothing passes once the three candidates are counted: the full model is kept, and why.
+    strict = make_rule("sign_test", alpha=0.05).decide(DOCS, BASE, LAYERS, stream="t")
     assert strict.selected is None and "no layer's gain" in strict.reason
+    # A round that ran only these 3 of 31 candidates (select or screen mode) counts the other 28 too.
+    partial = make_rule("sign_test", alpha=0.1).decide(DOCS, BASE, LAYERS, stream="t", family=31)
+    assert partial.evidence[3] == 31 / 32 and partial.selected is None
 
 
-def test_bootstrap_rule_accepts_gains_whose_lower_bound_clears_the_threshold():
-    rule = make_rule("bootstrap", alpha=0.05, resamples=2000, seed=3)
+def test_maxt_keeps_the_layers_dependence_and_is_reproducible():
+    rule = make_rule("maxt", alpha=0.1, resamples=2000, seed=3)
     outcome = rule.decide(DOCS, BASE, LAYERS, stream="t")
-    # Layer 3's five unopposed docs give a tighter bound than layer 2's noisier, larger gain.
-    assert outcome.evidence[1] < 0 < outcome.evidence[2] < outcome.evidence[3] < outcome.gains[3]
-    assert outcome.selected == 2  # both pass; the larger gain wins
-    # The bound is a pure function of the scores, the seed and the stream: the report reproduces it.
+    # 20 docs: 2000 seeded flips of every doc's differences at once, the largest mean over the layers
+    assert outcome.evidence[2] < outcome.evidence[3] < outcome.evidence[1]
+    assert outcome.selected == 2 and "maxT sign-flip p=" in outcome.reason
     assert rule.decide(DOCS, BASE, LAYERS, stream="t").evidence == outcome.evidence
+    assert (
+        make_rule("maxt", alpha=0.1, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "u").evidence
+        != outcome.evidence
+    )
+    # The mean gain must exceed the threshold: a threshold above both gains' reach keeps the full model.
+    high = make_rule("maxt", threshold=0.2, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t")
+    assert high.selected is None and high.evidence[2] > outcome.evidence[2]
     assert (bootstrap_indices(20, 50, 3, "t") == bootstrap_indices(20, 50, 3, "t")).all()
-    assert (bootstrap_indices(20, 50, 3, "t") != bootstrap_indices(20, 50, 3, "other")).any()
-    # A threshold between the two bounds leaves only layer 3.
-    between = (outcome.evidence[2] + outcome.evidence[3]) / 2
-    assert make_rule("bootstrap", threshold=between, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t").selected == 3
-    above = outcome.evidence[3] + 0.01
-    assert make_rule("bootstrap", threshold=above, resamples=2000, seed=3).decide(DOCS, BASE, LAYERS, "t").selected is None
+
+
+def test_the_removed_bootstrap_rule_names_its_replacement():
+    import pytest
+
+    from lmms_talo.method.rules import RuleError
+
+    with pytest.raises(RuleError, match="select_rule=bootstrap was removed.*Use select_rule=maxt"):
+        make_rule("bootstrap")
 
 
 def test_guarded_rules_break_ties_to_the_lowest_layer():
     tied = {4: LAYER_B, 2: dict(LAYER_B)}
-    outcome = make_rule("sign_test").decide(DOCS, BASE, tied)
+    outcome = make_rule("sign_test", alpha=0.1).decide(DOCS, BASE, tied)  # Holm over 2: p = 1/16
     assert outcome.selected == 2 and outcome.tied_layers == (2, 4) and "tied with layers 4" in outcome.reason
 
 
@@ -94,11 +95,5 @@ def test_the_sweep_asks_its_rule_which_is_the_only_decider():
         return LayerSweep(answer, score, ProbeStore(None, {}), rule=rule).run(split, tuple(LAYERS), "zero", 0)
 
     assert run(make_rule("gain")).selected == 2
-    guarded = run(make_rule("sign_test"))
-    assert guarded.selected == 3 and guarded.final.evidence == {1: 0.75, 2: 299 / 4096, 3: 1 / 32}
-
-
-def test_transfer_modes_score_the_base_model_too():
-    assert TaloConfig.pop_from({"transfer": "true"}).compare_base
-    assert TaloConfig.pop_from({"test_all_layers": "1"}).compare_base
-    assert not TaloConfig.pop_from({}).compare_base
+    guarded = run(make_rule("sign_test", alpha=0.1))
+    assert guarded.selected == 3 and guarded.final.evidence == {1: 0.75, 2: 2 * 299 / 4096, 3: 3 / 32}

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_rules import BASE, LAYER_A  # 12 discordant docs, 9 of them for the knockout
 
-from lmms_talo.method.rules import EXACT_FLIP_LIMIT, holm_adjusted, paired_flip_p, sign_test_p
+from lmms_talo.method.statistics import EXACT_FLIP_LIMIT, holm_adjusted, paired_flip_p, sign_test_p
+
+
+def test_sign_test_p_values_are_exact_binomial_tails():
+    assert sign_test_p([0] * 5, [1] * 5) == 1 / 32
+    assert sign_test_p([0, 0, 0, 0, 1], [1, 1, 1, 1, 0]) == 5 / 32 + 1 / 32
+    assert sign_test_p([1, 0], [1, 0]) == 1.0  # no discordant doc: no evidence
+    assert sign_test_p(BASE.values(), LAYER_A.values()) == (220 + 66 + 12 + 1) / 4096
+    assert sign_test_p([0.5], [0.75]) == 0.5  # fractional scores count by direction
 
 
 def test_the_flip_test_is_the_sign_test_on_pass_fail_scores():
@@ -40,9 +49,12 @@ def test_monte_carlo_flips_beyond_the_exact_limit_are_seeded_and_close_to_exact(
     rng = np.random.default_rng(2)
     differences = rng.normal(0.3, 1, EXACT_FLIP_LIMIT + 4)
     zeros = np.zeros_like(differences)
-    first, again = paired_flip_p(zeros, differences, seed=5, stream="s"), paired_flip_p(zeros, differences, seed=5, stream="s")
+    first, again = (
+        paired_flip_p(zeros, differences, seed=5, stream="s"),
+        paired_flip_p(zeros, differences, seed=5, stream="s"),
+    )
     assert first == again
-    patterns = ((np.arange(2 ** differences.size)[:, None] >> np.arange(differences.size)) & 1) * 2 - 1
+    patterns = ((np.arange(2**differences.size)[:, None] >> np.arange(differences.size)) & 1) * 2 - 1
     exact = np.mean(patterns @ differences >= differences.sum() - 1e-9)
     assert abs(first - exact) < 0.01
 

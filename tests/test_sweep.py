@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
-
 from cli_tasks import write_image_task
+from tiny_models import LMMS_EVAL_MODEL_ARGS
+
 from lmms_talo.method.probe_split import split_subtask
 from lmms_talo.method.rules import baseline_is_perfect, decide_round, make_rule, mean
-from lmms_talo.outputs.probe_store import ProbeStore
 from lmms_talo.method.sweep import LayerPruner, LayerSweep, SweepModeError
-from tiny_models import LMMS_EVAL_MODEL_ARGS
+from lmms_talo.outputs.probe_store import ProbeStore
 
 LAYERS = (1, 2, 3, 4, 5, 6)
 
@@ -71,7 +71,9 @@ def random_table(rng, n_docs):
 def sweep(table, mode, split, threshold, max_redraws=2):
     model = ScoreTable(table)
     rule = make_rule("gain", threshold=threshold)
-    result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode, rule=rule).run(split, LAYERS, "zero", max_redraws)
+    result = LayerSweep(model.answer, model.score, ProbeStore(None, {}), mode=mode, rule=rule).run(
+        split, LAYERS, "zero", max_redraws
+    )
     return result, model
 
 
@@ -93,7 +95,7 @@ def test_select_mode_picks_the_full_sweeps_layer(seed):
         assert len(select_model.runs) <= len(full_model.runs)
         for outcome, pruned in zip(select.rounds, select.pruned):
             assert not set(pruned) & set(outcome.layer_scores), "a pruned layer took part in the decision"
-            for layer, note in pruned.items():
+            for note in pruned.values():
                 assert 1 <= note.after_docs <= len(outcome.probe_docs)
                 assert note.reason
 
@@ -196,8 +198,13 @@ def task_manager(tmp_path_factory):
     write_image_task(folder / "gen", "talo_replay_gen", [f"a{i % 3}" for i in range(9)])
     choices = [["red", "blue"], ["one", "two"]]
     docs = [choices[i % 2] for i in range(9)]
-    write_image_task(folder / "mc", "talo_replay_mc", [c[i % 2] for i, c in enumerate(docs)],
-                     output_type="multiple_choice", choices=docs)
+    write_image_task(
+        folder / "mc",
+        "talo_replay_mc",
+        [c[i % 2] for i, c in enumerate(docs)],
+        output_type="multiple_choice",
+        choices=docs,
+    )
     return TaskManager(include_path=[str(folder / "gen"), str(folder / "mc")])
 
 
@@ -211,6 +218,7 @@ LMMS_EVAL_TASKS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("arch", sorted(LMMS_EVAL_TASKS))
 @pytest.mark.parametrize("intervention", ["zero", "uniform", "mean"])
 def test_lmms_eval_sweep_outputs_equal_the_naive_sweep(tmp_path, tiny_model_dir, task_manager, arch, intervention):
@@ -222,8 +230,16 @@ def test_lmms_eval_sweep_outputs_equal_the_naive_sweep(tmp_path, tiny_model_dir,
         runs.append(("select", dict(replay="true", sweep="select")))
     stores, reports = {}, {}
     for name, args in runs:
-        _lmms_eval_run(arch, tiny_model_dir(arch), task_manager, LMMS_EVAL_TASKS[arch], tmp_path / name,
-                       intervention=intervention, report=tmp_path / f"{name}.json", **args)
+        _lmms_eval_run(
+            arch,
+            tiny_model_dir(arch),
+            task_manager,
+            LMMS_EVAL_TASKS[arch],
+            tmp_path / name,
+            intervention=intervention,
+            report=tmp_path / f"{name}.json",
+            **args,
+        )
         stores[name] = {p.name: _store_records(p) for p in (tmp_path / name).glob("*.jsonl")}
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["subtasks"]
     assert len(stores["naive"]) == len(LMMS_EVAL_TASKS[arch])  # one probe store per sub-task

@@ -17,9 +17,8 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 import benchmark_fixtures as fixtures
+import pytest
 from cli_tasks import cli_env, run_lmms_eval, samples
 from tiny_models import LMMS_EVAL_MODEL_ARGS
 
@@ -32,11 +31,16 @@ SHOTS = 3
 N = 24  # docs per sub-task in the end-to-end runs: pool min(24 // 3, 4 * 3) = 8, test 16
 LMMS_TALO = [sys.executable, "-m", "lmms_talo"]
 RUN_TASKS = {  # sub-task -> its benchmark: two per benchmark (and MMMU's discipline grouping)
-    "talo_mmstar_math": B.MMSTAR, "talo_mmstar_coarse_perception": B.MMSTAR,
-    "talo_mmbench_en_dev_ocr": B.MMBENCH_EN_DEV, "talo_mmbench_en_dev_image_scene": B.MMBENCH_EN_DEV,
-    "talo_mmmu_val_art": B.MMMU_VAL, "talo_mmmu_val_discipline_science": B.MMMU_VAL_DISCIPLINE,
-    "talo_scienceqa_img_magnets": B.SCIENCEQA_IMG, "talo_scienceqa_img_materials": B.SCIENCEQA_IMG,
-    "talo_seedbench_instances_counting": B.SEEDBENCH, "talo_seedbench_text_understanding": B.SEEDBENCH,
+    "talo_mmstar_math": B.MMSTAR,
+    "talo_mmstar_coarse_perception": B.MMSTAR,
+    "talo_mmbench_en_dev_ocr": B.MMBENCH_EN_DEV,
+    "talo_mmbench_en_dev_image_scene": B.MMBENCH_EN_DEV,
+    "talo_mmmu_val_art": B.MMMU_VAL,
+    "talo_mmmu_val_discipline_science": B.MMMU_VAL_DISCIPLINE,
+    "talo_scienceqa_img_magnets": B.SCIENCEQA_IMG,
+    "talo_scienceqa_img_materials": B.SCIENCEQA_IMG,
+    "talo_seedbench_instances_counting": B.SEEDBENCH,
+    "talo_seedbench_text_understanding": B.SEEDBENCH,
 }
 
 
@@ -145,7 +149,9 @@ def test_subtask_docs_select_and_mark(fixture_data):
     mmmu = datasets.load_dataset("parquet", data_files=str(fixture_data["mmmu_val"]), split="train")
     science = B.talo_mmmu_val_discipline_science(mmmu)  # Math and Physics are Science subjects
     assert len(science) == N + 4 and {m["stratum"] for m in science[pool_exclusion.MARK]} == {"Math", "Physics"}
-    with pytest.raises(pool_exclusion.TaskProtocolError, match="no doc of the dataset has category in .'logical reasoning'."):
+    with pytest.raises(
+        pool_exclusion.TaskProtocolError, match="no doc of the dataset has category in .'logical reasoning'."
+    ):
         B.talo_mmstar_logical_reasoning(dataset)
 
 
@@ -175,7 +181,10 @@ def test_mismatched_split_fails_clearly(monkeypatch):
     scores = [pool_exclusion.MarkedScore(1.0, m) for m in marks]
     with evaluation_scope.evaluation({}):
         evaluation_scope.publish(split_subtask("talo_x", list(range(90)), 15, 0))
-        with pytest.raises(pool_exclusion.TaskProtocolError, match=r"probe_shots=15, seed=0.*expects shots=10, seed=0.*LMMS_TALO_SHOTS=15"):
+        with pytest.raises(
+            pool_exclusion.TaskProtocolError,
+            match=r"probe_shots=15, seed=0.*expects shots=10, seed=0.*LMMS_TALO_SHOTS=15",
+        ):
             aggregate(scores)
         monkeypatch.setenv(pool_exclusion.SHOTS_ENV, "15")  # the override: now the task expects 15 shots
         assert aggregate(scores) == 1.0
@@ -191,6 +200,7 @@ def test_mismatched_split_fails_clearly(monkeypatch):
 # --- discoverable ---
 
 
+@pytest.mark.e2e
 def test_tasks_path_prints_the_bundled_folder_and_writes_local_copies(tmp_path, fixture_data):
     folder = Path(_lmms_talo("tasks-path").stdout.strip())
     assert folder == generate.bundled_folder()
@@ -206,6 +216,7 @@ def test_tasks_path_prints_the_bundled_folder_and_writes_local_copies(tmp_path, 
     assert bad.returncode == 2 and "no bundled benchmark 'nosuch'" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_tasks_lists_categories_and_sizes(fixture_data):
     listing = _lmms_talo("tasks").stdout
     for bench in B.BENCHMARKS:
@@ -220,27 +231,38 @@ def test_tasks_lists_categories_and_sizes(fixture_data):
     assert "talo_seedbench" not in sized
 
 
+@pytest.mark.e2e
 def test_wheel_ships_and_finds_the_configs(tmp_path):
     wheels, target, root = tmp_path / "whl", tmp_path / "site", tmp_path / "src"
     junk = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache")
     shutil.copytree(Path(__file__).resolve().parent.parent, root, ignore=junk)  # the build leaves no build/ in the repo
     pip = [sys.executable, "-m", "pip"]
-    build = subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(root)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(wheels), str(root)], capture_output=True, text=True, timeout=600
+    )
     assert build.returncode == 0, build.stderr[-3000:]
-    assert "warning" not in (build.stdout + build.stderr).lower(), "the wheel build must be quiet (license, data folders)"
+    assert "warning" not in (build.stdout + build.stderr).lower(), (
+        "the wheel build must be quiet (license, data folders)"
+    )
     (wheel,) = wheels.glob("lmms_talo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for bench in B.BENCHMARKS:
         assert f"lmms_talo/task_configs/{bench.folder}/_{bench.group}.yaml" in names
-    assert {"lmms_talo/task_configs/__init__.py", "lmms_talo/task_configs/benchmarks.py",
-            "lmms_talo/task_configs/generate.py", "lmms_talo/harness/pool_exclusion.py"} <= names
+    assert {
+        "lmms_talo/task_configs/__init__.py",
+        "lmms_talo/task_configs/benchmarks.py",
+        "lmms_talo/task_configs/generate.py",
+        "lmms_talo/harness/pool_exclusion.py",
+    } <= names
     subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, timeout=600)
     probe = (
         "from lmms_talo.task_configs.generate import bundled_folder; f = bundled_folder(); "
         "print(f); print(' '.join(sorted(p.name for p in f.glob('*/_talo_*.yaml'))))"
     )
     env = {**cli_env(), "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     folder, groups = out.stdout.splitlines()[-2:]
     assert Path(folder) == target / "lmms_talo" / "task_configs"
@@ -256,12 +278,22 @@ def talo_run(tmp_path_factory, fixture_data, letter_model):
     tmp = tmp_path_factory.mktemp("talo_run")
     configs = Path(_lmms_talo("tasks-path", *_data_args(fixture_data), "--out", str(tmp / "configs")).stdout.strip())
     report_path = tmp / "talo_report.json"
-    args = (f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots={SHOTS},compare_base=true,"
-            f"report={report_path},state_dir=none")
+    args = (
+        f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots={SHOTS},compare_base=true,"
+        f"report={report_path},state_dir=none"
+    )
     os.environ[pool_exclusion.SHOTS_ENV] = str(SHOTS)  # the tasks expect the same shots: cli_env() copies os.environ
     try:
-        results, proc = run_lmms_eval("talo_llava", args, ",".join(RUN_TASKS), configs, tmp / "out",
-                                      "--force_simple", "--gen_kwargs", "max_new_tokens=1")
+        results, proc = run_lmms_eval(
+            "talo_llava",
+            args,
+            ",".join(RUN_TASKS),
+            configs,
+            tmp / "out",
+            "--force_simple",
+            "--gen_kwargs",
+            "max_new_tokens=1",
+        )
     finally:
         del os.environ[pool_exclusion.SHOTS_ENV]
     report = {g["subtask"]: g for g in json.loads(report_path.read_text())["subtasks"]}
@@ -292,6 +324,7 @@ def _circular(scores: dict, records: dict) -> float:
     return 100 * sum(all(rows[m]) for m in mains) / len(mains)
 
 
+@pytest.mark.e2e
 def test_talo_run_excludes_each_subtasks_pool(talo_run):
     results, report, out = talo_run
     assert set(report) == set(RUN_TASKS), "one sub-task (own split, own layer) per talo_* task"
@@ -304,12 +337,17 @@ def test_talo_run_excludes_each_subtasks_pool(talo_run):
         probe_docs = {int(d) for u in group["probe_docs"] for d in group["unit_docs"].get(str(u), [u])}
         assert len(pool) == pool_size(n, SHOTS) and probe_docs <= pool  # MMBench: 4 of 12 questions, 2 rows each
         assert group["test"]["talo"]["n"] == group["test"]["base"]["n"] == n - len(pool) == group["test_doc_count"]
-        assert group["test_difference"] == pytest.approx(group["test"]["talo"]["score"] - group["test"]["base"]["score"])
+        assert group["test_difference"] == pytest.approx(
+            group["test"]["talo"]["score"] - group["test"]["base"]["score"]
+        )
 
         records = _records(out, task, bench.metric)
         assert sorted(records) == list(range(n))
         if isinstance(records[0], dict):  # the mark travels on the record: its index is lmms-eval's doc_id
-            assert all(r[pool_exclusion.MARK]["index"] == doc and r[pool_exclusion.MARK]["subtask"] == task for doc, r in records.items())
+            assert all(
+                r[pool_exclusion.MARK]["index"] == doc and r[pool_exclusion.MARK]["subtask"] == task
+                for doc, r in records.items()
+            )
         aggregate = results["results"][task][f"{bench.metric},none"]
         test_records = [r for doc, r in records.items() if doc not in pool]
         assert aggregate == pytest.approx(_builtin_on_docs(bench, test_records))
@@ -328,6 +366,7 @@ def test_talo_run_excludes_each_subtasks_pool(talo_run):
     assert {g["selected_layer"] for g in report.values()} - {None}, "some sub-task should select a layer"
 
 
+@pytest.mark.e2e
 def test_report_test_score_is_lmms_evals_printed_metric_exactly(talo_run):
     """For each of the five benchmarks the report's test.talo.score is, bit for bit, the figure lmms-eval
     prints for the talo_* task (its own aggregation over the test docs); the per-doc mean sits beside it."""
@@ -343,10 +382,13 @@ def test_report_test_score_is_lmms_evals_printed_metric_exactly(talo_run):
         test_scores = [s for d, s in talo["doc_scores"].items() if d not in pool]
         assert talo["doc_mean"] == pytest.approx(sum(test_scores) / len(test_scores))
         assert report[task]["test_difference_doc_mean"] == pytest.approx(talo["doc_mean"] - base["doc_mean"])
-        benchmark_way += talo["score"] != pytest.approx(talo["doc_mean"]) and talo["score"] != pytest.approx(100 * talo["doc_mean"])
+        benchmark_way += talo["score"] != pytest.approx(talo["doc_mean"]) and talo["score"] != pytest.approx(
+            100 * talo["doc_mean"]
+        )
     assert benchmark_way, "MMStar's l2 mean / MMBench's circular rule must differ from the per-doc mean somewhere"
 
 
+@pytest.mark.e2e
 def test_plain_model_scores_the_same_test_set(talo_run, letter_model, tmp_path, fixture_data):
     """Without a TaLo model the tasks recompute the split: the same pools the adapter probed, via `lmms-talo eval`."""
     _, report, _ = talo_run
@@ -354,10 +396,25 @@ def test_plain_model_scores_the_same_test_set(talo_run, letter_model, tmp_path, 
     out = tmp_path / "out"
     env = {**cli_env(), pool_exclusion.SHOTS_ENV: str(SHOTS)}
     proc = _lmms_talo(
-        "eval", *[a.replace("--data", "--talo_data") for a in _data_args(fixture_data, "mmstar", "seedbench", "mmmu_val")],
-        "--model", "llava_hf", "--force_simple", "--model_args", f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']}",
-        "--tasks", ",".join(tasks), "--output_path", str(out), "--batch_size", "1", "--verbosity", "DEBUG",
-        "--log_samples", "--gen_kwargs", "max_new_tokens=1", env=env,
+        "eval",
+        *[a.replace("--data", "--talo_data") for a in _data_args(fixture_data, "mmstar", "seedbench", "mmmu_val")],
+        "--model",
+        "llava_hf",
+        "--force_simple",
+        "--model_args",
+        f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']}",
+        "--tasks",
+        ",".join(tasks),
+        "--output_path",
+        str(out),
+        "--batch_size",
+        "1",
+        "--verbosity",
+        "DEBUG",
+        "--log_samples",
+        "--gen_kwargs",
+        "max_new_tokens=1",
+        env=env,
     )
     (results_file,) = out.rglob("*_results.json")
     results = json.loads(results_file.read_text())["results"]
@@ -373,14 +430,31 @@ def test_plain_model_scores_the_same_test_set(talo_run, letter_model, tmp_path, 
             assert results[task]["seed_all,none"] == pytest.approx(sum(base.values()) / len(base))
 
 
+@pytest.mark.e2e
 def test_mismatched_shots_stop_the_run_before_probing(tmp_path, fixture_data, letter_model):
     env = {**cli_env(), pool_exclusion.SHOTS_ENV: str(SHOTS)}
     proc = _lmms_talo(
-        "eval", "--talo_data", f"seedbench={fixture_data['seedbench']}", "--model", "talo_llava", "--force_simple",
-        "--model_args", f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=4,state_dir=none,"
+        "eval",
+        "--talo_data",
+        f"seedbench={fixture_data['seedbench']}",
+        "--model",
+        "talo_llava",
+        "--force_simple",
+        "--model_args",
+        f"pretrained={letter_model},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=4,state_dir=none,"
         f"report={tmp_path / 'r.json'}",
-        "--tasks", "talo_seedbench_text_understanding", "--output_path", str(tmp_path / "out"), "--batch_size", "1",
-        "--verbosity", "DEBUG", "--gen_kwargs", "max_new_tokens=1", env=env, check=False,
+        "--tasks",
+        "talo_seedbench_text_understanding",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "1",
+        "--verbosity",
+        "DEBUG",
+        "--gen_kwargs",
+        "max_new_tokens=1",
+        env=env,
+        check=False,
     )
     assert proc.returncode != 0
     assert "talo_seedbench_text_understanding: the TaLo model probes with probe_shots=4, seed=0" in proc.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmms_talo.method.rules import paired_flip_p
+from lmms_talo.method.statistics import paired_flip_p
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,10 @@ def test_decisions_from_stored_answers_find_the_planted_layer_under_every_rule(v
     gold = validity.labels(stored, None)
     for variant in validity.RULE_VARIANTS:
         selection = validity.decide(stored, variant, gold)
-        assert selection.layers == (validity.LAYERS[2],), variant
+        # the family-wise sign test over the study's candidate layers cannot pass on 8 probe docs:
+        # its smallest p-value, 2^-8, times the layers stays above 0.05
+        want = () if variant == "sign_test" else (validity.LAYERS[2],)
+        assert selection.layers == want, variant
     nothing = stored_task(validity, helped_layer=None)
     assert all(validity.decide(nothing, v, validity.labels(nothing, None)).layers == () for v in validity.RULE_VARIANTS)
 
@@ -77,7 +80,9 @@ def test_paired_summary_excludes_the_pool_and_tests_for_harm(validity):
     assert summary["n"] == 30 and summary["difference"] == pytest.approx(diff.mean())
     half = 1.96 * diff.std(ddof=1) / math.sqrt(30)
     assert summary["ci95"] == pytest.approx([diff.mean() - half, diff.mean() + half])
-    worse = paired_flip_p([knocked[str(d)] for d in range(10, 40)], [base[str(d)] for d in range(10, 40)], 0, "validity")
+    worse = paired_flip_p(
+        [knocked[str(d)] for d in range(10, 40)], [base[str(d)] for d in range(10, 40)], 0, "validity"
+    )
     assert summary["worse_p"] == worse < 0.05
 
 
@@ -95,5 +100,7 @@ def test_summary_counts_applied_negative_and_control_selections(validity):
     rows = validity.summarise(decisions, tests, stored)
     gain = rows["gain"]
     assert (gain["applied"], gain["negative"], gain["significantly_negative"]) == (2, 1, 1)
-    assert gain["mean_test_difference"] == pytest.approx(-0.5) and gain["control_selection_rate"] == pytest.approx(2 / 100)
+    assert gain["mean_test_difference"] == pytest.approx(-0.5) and gain["control_selection_rate"] == pytest.approx(
+        2 / 100
+    )
     assert rows["confirm"]["applied"] == 0 and rows["confirm"]["mean_test_difference"] is None

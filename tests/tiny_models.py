@@ -154,8 +154,7 @@ def _content_macro(image: str, video: str) -> str:
 
 def _chatml_template(image: str, video: str) -> str:
     return (
-        _content_macro(image, video)
-        + "{%- for message in messages -%}"
+        _content_macro(image, video) + "{%- for message in messages -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
@@ -164,8 +163,7 @@ def _chatml_template(image: str, video: str) -> str:
 
 def _vicuna_template(image: str, video: str) -> str:
     return (
-        _content_macro(image, video)
-        + "{%- for message in messages -%}"
+        _content_macro(image, video) + "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}{{ render(message['content']) + ' ' }}"
         "{%- elif message['role'] == 'user' -%}{{ 'USER: ' }}{{ render(message['content']) }}{{ ' ' }}"
         "{%- else -%}{{ 'ASSISTANT: ' }}{{ render(message['content']) }}{{ eos_token }}"
@@ -176,8 +174,7 @@ def _vicuna_template(image: str, video: str) -> str:
 
 def _llama_template() -> str:
     return (
-        _content_macro("", "")
-        + "{{ bos_token }}{%- for message in messages -%}"
+        _content_macro("", "") + "{{ bos_token }}{%- for message in messages -%}"
         "{{ '[' + message['role'] + '] ' }}{{ render(message['content']) }}{{ eos_token }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '[assistant] ' }}{%- endif -%}"
@@ -461,9 +458,17 @@ def _qwen_processors(patch_size, min_pixels, max_pixels, mean=None, std=None, vi
 def _build_qwen2_vl(tok):
     from transformers import Qwen2VLConfig, Qwen2VLProcessor
 
-    text = _text_kwargs(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = _text_kwargs(
+        tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    )
     vision = dict(
-        depth=2, embed_dim=32, hidden_size=HIDDEN, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+        depth=2,
+        embed_dim=32,
+        hidden_size=HIDDEN,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
         temporal_patch_size=2,
     )
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tok))
@@ -475,10 +480,20 @@ def _build_qwen2_vl(tok):
 def _build_qwen2_5_vl(tok):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
-    text = _text_kwargs(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = _text_kwargs(
+        tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    )
     vision = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=HIDDEN,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
     )
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tok))
     ip, vp = _qwen_processors(14, 56 * 56, 112 * 112)
@@ -492,11 +507,24 @@ def _build_qwen3_vl(tok):
     text = _text_kwargs(
         tok,
         head_dim=16,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True,
+        },
     )
     vision = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN, patch_size=16,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=HIDDEN,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
     )
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tok))
     ip, vp = _qwen_processors(16, 64 * 64, 128 * 128, [0.5] * 3, [0.5] * 3, video_cls="Qwen3VLVideoProcessor")
@@ -515,7 +543,11 @@ def _build_internvl(tok):
     )
 
     vision = InternVLVisionConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=[32, 32],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=[32, 32],
         patch_size=[8, 8],
     )
     cfg = InternVLConfig(
@@ -529,8 +561,12 @@ def _build_internvl(tok):
         tie_word_embeddings=False,
     )
     ip = GotOcr2ImageProcessor(
-        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        size={"height": 32, "width": 32},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=4,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
     )
     vp = InternVLVideoProcessor(size={"height": 32, "width": 32})
     proc = InternVLProcessor(

@@ -375,7 +375,7 @@ class Confirm(SelectionRule):
         return Confirmation(
             tuple(layers),
             docs,
-            self.stat,
+            "score",
             pick(ref),
             pick(knocked),
             pick(ref_scores),

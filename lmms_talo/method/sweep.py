@@ -523,7 +523,7 @@ class LayerSweep:
         parts = self.ranks.all_gather((result.docs_computed, result.docs_reused, result.replay))
         result.docs_computed = sum(computed for computed, _, _ in parts)
         result.docs_reused = sum(reused for _, reused, _ in parts)
-        stats = [replay for _, _, replay in parts if replay is not None]
+        stats = [replay for _, _, replay in parts if replay]
         if len(stats) > 1:
             statuses = list(dict.fromkeys(s["status"] for s in stats))
             result.replay = {

@@ -220,7 +220,7 @@ def _reconfirm(rule: SelectionRule, selected: list[int], passes: list[dict], nam
     """select_rule=confirm: the confirmation test on the logged confirmation passes (they exist only
     for the layer the run confirmed; another layer cannot be confirmed offline)."""
     label = Knockout(tuple(selected)).label
-    scores, stats = _scores(passes, "confirm", "score"), _scores(passes, "confirm", "statistic")
+    scores = _scores(passes, "confirm", "score")
     if label not in scores:
         raise ProbeLogError(
             f"{name}: re-decided to knock out {label}, but the log has confirmation passes only for "
@@ -228,8 +228,7 @@ def _reconfirm(rule: SelectionRule, selected: list[int], passes: list[dict], nam
         )
     docs = list(scores["base"])
     pair = ({d: scores["base"][d] for d in docs}, {d: scores[label][d] for d in docs})
-    statistic = ({d: stats["base"][d] for d in docs}, {d: stats[label][d] for d in docs}) if stats else None
-    return rule.confirm(tuple(selected), docs, pair, statistic, stream=name)
+    return rule.confirm(tuple(selected), docs, pair, stream=name)
 
 
 def report_from_probe_log(path: Path) -> dict:
