@@ -19,27 +19,35 @@ from lmms_talo.harness.heldout import HeldOutScores
 from lmms_talo.outputs.report import GroupReport, summary_table
 
 
-@pytest.fixture(scope="module")
-def stock_mmbench(tmp_path_factory):
-    """lmms-eval's own mmbench_en_dev task (GPT-judged metric + submission file) on local MMBench-shaped data."""
+def _stock_task(tmp_path_factory, name: str, builtin: str, split: str, data_name: str, dataset):
+    """lmms-eval's own task `builtin` (a YAML under lmms_eval/tasks), renamed `name`, on local data."""
     import lmms_eval
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    folder = tmp_path_factory.mktemp("stock_mmbench")
-    data = fixtures.write_fixture(folder, "mmbench_en_dev", fixtures.mmbench_en_dev({"ocr": 6}))
-    builtin = Path(lmms_eval.__file__).parent / "tasks" / "mmbench" / "mmbench_en_dev.yaml"
-    (folder / "stock_mmbench.yaml").write_text(
+    folder = tmp_path_factory.mktemp(name)
+    data = fixtures.write_fixture(folder, data_name, dataset)
+    path = Path(lmms_eval.__file__).parent / "tasks" / builtin
+    (folder / f"{name}.yaml").write_text(
         textwrap.dedent(f"""
-        include: {builtin}
-        task: stock_mmbench
+        include: {path}
+        task: {name}
         dataset_path: parquet
         dataset_name: null
         dataset_kwargs:
           data_files:
-            dev: {data}
+            {split}: {data}
         """)
     )
-    return get_task_dict(["stock_mmbench"], TaskManager(include_path=str(folder)))["stock_mmbench"]
+    return get_task_dict([name], TaskManager(include_path=str(folder)))[name]
+
+
+@pytest.fixture(scope="module")
+def stock_mmbench(tmp_path_factory):
+    """lmms-eval's own mmbench_en_dev task (GPT-judged metric + submission file) on local MMBench-shaped data."""
+    dataset = fixtures.mmbench_en_dev({"ocr": 6})
+    return _stock_task(
+        tmp_path_factory, "stock_mmbench", "mmbench/mmbench_en_dev.yaml", "dev", "mmbench_en_dev", dataset
+    )
 
 
 def test_judge_aggregations_are_detected_by_their_code_not_their_docstring():
@@ -135,23 +143,8 @@ def test_multi_round_requests_stop_the_run_naming_the_type_and_task(tiny_model_d
 @pytest.fixture(scope="module")
 def stock_mmstar(tmp_path_factory):
     """lmms-eval's own mmstar task (each category's metric declared before `average`) on local data."""
-    import lmms_eval
-    from lmms_eval.tasks import TaskManager, get_task_dict
-
-    folder = tmp_path_factory.mktemp("stock_mmstar")
-    data = fixtures.write_fixture(folder, "mmstar", fixtures.mmstar({"coarse perception": 4, "math": 6}))
-    builtin = Path(lmms_eval.__file__).parent / "tasks" / "mmstar" / "mmstar.yaml"
-    (folder / "stock_mmstar.yaml").write_text(
-        textwrap.dedent(f"""
-        include: {builtin}
-        task: stock_mmstar
-        dataset_path: parquet
-        dataset_kwargs:
-          data_files:
-            val: {data}
-        """)
-    )
-    return get_task_dict(["stock_mmstar"], TaskManager(include_path=str(folder)))["stock_mmstar"]
+    dataset = fixtures.mmstar({"coarse perception": 4, "math": 6})
+    return _stock_task(tmp_path_factory, "stock_mmstar", "mmstar/mmstar.yaml", "val", "mmstar", dataset)
 
 
 @pytest.mark.e2e

@@ -1,4 +1,6 @@
-"""Exported checkpoints load with from_pretrained and equal the hook-based knockout."""
+"""Exported checkpoints load with from_pretrained and equal the hook-based knockout; from a report,
+export writes the model that was evaluated: every selected layer, a sub-task's own layer, and an
+ambiguous task name is an error that lists its sub-tasks."""
 
 import json
 import subprocess
@@ -29,43 +31,66 @@ def test_exported_checkpoint_equals_hook_knockout(arch, intervention, tiny_model
     assert exported.config.talo == {"knocked_out_layers": [2], "intervention": intervention, "source": str(source)}
 
 
-@pytest.mark.e2e
-def test_export_command_from_a_report(tiny_model_dir, tmp_path):
+REPORT = {
+    "config": {"intervention": "zero"},
+    "subtasks": [
+        {"task": "deep", "subtask": "deep", "selected_layer": 1, "selected_layers": [1, 3], "selection_reason": "x"},
+        {
+            "task": "mmstar",
+            "subtask": "mmstar/math",
+            "selected_layer": 3,
+            "selected_layers": [3],
+            "selection_reason": "y",
+        },
+        {
+            "task": "mmstar",
+            "subtask": "mmstar/science",
+            "selected_layer": None,
+            "selected_layers": [],
+            "selection_reason": "no gain",
+        },
+    ],
+}
+
+
+def _export_from_report(tmp_path, model_dir, task):
     report = tmp_path / "talo_report.json"
-    report.write_text(
-        json.dumps(
-            {
-                "config": {"intervention": "zero"},
-                "subtasks": [
-                    {"task": "mmstar", "subtask": "mmstar/math", "selected_layer": 3, "selection_reason": "x"},
-                    {
-                        "task": "mmstar",
-                        "subtask": "mmstar/science",
-                        "selected_layer": None,
-                        "selection_reason": "no gain",
-                    },
-                ],
-            }
-        )
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmms_talo",
-        "export",
-        "--pretrained",
-        str(tiny_model_dir("llama")),
-        "--from-report",
-        str(report),
-        "--task",
-        "mmstar/math",
-        "--out",
-        str(tmp_path / "out"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env())
+    report.write_text(json.dumps(REPORT))
+    out = tmp_path / f"out_{task.replace('/', '_')}"
+    cmd = [sys.executable, "-m", "lmms_talo", "export", "--pretrained", str(model_dir)]
+    cmd += ["--from-report", str(report), "--task", task, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env()), out
+
+
+@pytest.mark.e2e
+def test_a_sub_tasks_own_layer_is_exported_and_a_kept_full_model_is_not(tiny_model_dir, tmp_path):
+    proc, out = _export_from_report(tmp_path, tiny_model_dir("llama"), "mmstar/math")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["talo"]["knocked_out_layers"] == [3]
-    assert (tmp_path / "out" / "tokenizer.json").exists()
-    cmd[cmd.index("mmstar/math")] = "mmstar/science"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env())
+    assert json.loads((out / "config.json").read_text())["talo"]["knocked_out_layers"] == [3]
+    assert (out / "tokenizer.json").exists()
+    proc, out = _export_from_report(tmp_path, tiny_model_dir("llama"), "mmstar/science")
     assert proc.returncode != 0 and "kept the full model (no gain); nothing to export" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_a_multi_layer_selection_exports_every_selected_layer(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llama")
+    proc, out = _export_from_report(tmp_path, source, "deep")
+    assert proc.returncode == 0, proc.stderr
+    assert "layers 1+3 knocked out" in proc.stdout
+    assert json.loads((out / "config.json").read_text())["talo"]["knocked_out_layers"] == [1, 3]
+    exported, original = load_tiny("llama", out), load_tiny("llama", source)
+    inputs = example_inputs("llama", load_processor("llama", out), batch=2)
+    with torch.no_grad():
+        with knocked_out(original, Knockout((1, 3), "zero")):
+            want = original(**inputs).logits
+        got = exported(**inputs).logits
+    assert torch.equal(got, want), "the exported checkpoint is the evaluated model: both layers knocked out"
+
+
+@pytest.mark.e2e
+def test_a_task_split_into_sub_tasks_must_name_one(tiny_model_dir, tmp_path):
+    proc, out = _export_from_report(tmp_path, tiny_model_dir("llama"), "mmstar")
+    assert proc.returncode != 0 and not out.exists()
+    assert "'mmstar' was split into 2 sub-tasks" in proc.stderr
+    assert "mmstar/math: layers 3" in proc.stderr and "mmstar/science: the full model" in proc.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_tasks import run_lmms_eval, write_image_task
 from safetensors.torch import load_file, save_file
-from tiny_models import LMMS_EVAL_MODEL_ARGS
+from tiny_models import LMMS_EVAL_MODEL_ARGS, random_llama
 from transformers import AutoModelForImageTextToText
 
 from lmms_talo.outputs.model_identity import FileHasher, library_versions, source_digest, weights_identity
@@ -97,18 +97,7 @@ def test_a_known_file_is_not_read_again(checkpoint, tmp_path):
 
 
 def test_a_model_without_files_is_identified_by_every_tensor():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = random_llama()
     before = weights_identity(model)
     assert before["source"] == "tensors"
     with torch.no_grad():

@@ -4,7 +4,7 @@ call's logits, not only the answers, so a difference that leaves the answer stri
 turns replay off."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import random_llama
 
 from lmms_talo.method.interventions import knocked_out
 from lmms_talo.method.prefix_replay import PrefixReplay, disabled_reason
@@ -14,25 +14,6 @@ from lmms_talo.method.sweep import LayerSweep
 from lmms_talo.outputs.probe_store import ProbeStore
 
 LAYERS = (1, 2, 3)
-
-
-def _llama(**rope) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8,
-        **rope,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
 
 
 def _prompts(n_docs: int) -> dict:
@@ -61,13 +42,13 @@ def _sweep(model, prompts, replay):
 
 
 def test_a_model_with_dynamic_rope_never_replays_and_matches_the_naive_sweep():
-    model = _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    model = random_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     prompts = _prompts(12)
     replay = PrefixReplay(model)
     assert not replay.enabled and "rope_type=dynamic" in disabled_reason(model)
     replayed = _sweep(model, prompts, replay)
     naive = _sweep(
-        _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), prompts, None
+        random_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), prompts, None
     )
     assert replayed.doc_scores == naive.doc_scores
     assert replayed.replay["status"].startswith("disabled") and replayed.replay["layers_replayed"] == 0
@@ -75,7 +56,7 @@ def test_a_model_with_dynamic_rope_never_replays_and_matches_the_naive_sweep():
 
 def test_a_difference_in_logits_alone_turns_replay_off(monkeypatch):
     """Replayed layers' outputs nudged by 1e-6: the greedy answers stay the same, the logits do not."""
-    model = _llama()
+    model = random_llama()
     prompts = _prompts(4)
     replay = PrefixReplay(model)
     assert replay.enabled
@@ -98,5 +79,5 @@ def test_a_difference_in_logits_alone_turns_replay_off(monkeypatch):
     result = _sweep(model, prompts, replay)
     assert result.replay["checks"] == 1
     assert "same answers as in full but other logits" in result.replay["status"]
-    naive = _sweep(_llama(), prompts, None)
+    naive = _sweep(random_llama(), prompts, None)
     assert result.doc_scores == naive.doc_scores

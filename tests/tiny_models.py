@@ -761,3 +761,26 @@ def example_inputs(arch: str, processor, batch: int = 1):
         for q in questions
     ]
     return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def random_llama(**config):
+    """A small Llama built in memory (no files behind it), weights redrawn with std 0.3 so that
+    knockouts change its answers; `config` overrides the LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    return model

@@ -128,13 +128,13 @@ def checkpoint_folder(name_or_path: str) -> Path | None:
 
 
 def folder_digest(folder: Path, hasher: FileHasher) -> dict[str, str]:
-    """relative path -> content SHA-256 of every file in the folder that can change an answer:
-    weights, config, tokenizer and processor files, chat template, generation config, remote code."""
+    """file name -> content SHA-256 of every file of the folder that can change an answer: weights,
+    config, tokenizer and processor files, chat template, generation config, remote code. Subfolders
+    are not read: a checkpoint's files lie at its top (training folders often keep others below)."""
     files = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder).as_posix()
-        if path.is_file() and not IGNORED_FILES.search(relative):
-            files[relative] = hasher.digest(path)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not IGNORED_FILES.search(path.name):
+            files[path.name] = hasher.digest(path)
     return files
 
 
