@@ -212,9 +212,9 @@ def probe_only_rules() -> list[str]:
 # Rules that no longer exist, and what to use instead.
 REMOVED_RULES = {
     "bootstrap": (
-        "select_rule=bootstrap was removed: the paired bootstrap does not hold its level on 8-20 probe docs "
-        "(46-84% of rounds passed some null layer out of 31). Use select_rule=maxt (a family-wise sign-flip "
-        "test) or sign_test"
+        "select_rule=bootstrap was removed: the paired bootstrap does not hold its level on 8-20 probe docs, "
+        "even Holm-adjusted over the candidate layers. Use select_rule=maxt (a family-wise sign-flip test) "
+        "or sign_test"
     ),
 }
 
