@@ -83,6 +83,14 @@ def test_editing_a_tokenizer_chat_template_or_generation_file_changes_the_identi
     assert _identity(checkpoint)["digest"] != before["digest"]
 
 
+def test_a_tokenizer_text_file_counts_and_a_readme_does_not(checkpoint):
+    before = _identity(checkpoint)
+    (checkpoint / "README.md").write_text("a model card")
+    assert _identity(checkpoint)["digest"] == before["digest"]
+    (checkpoint / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert _identity(checkpoint)["digest"] != before["digest"], "merges.txt shapes the tokens"
+
+
 def test_a_known_file_is_not_read_again(checkpoint, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)
     first = FileHasher(tmp_path / "hashes.json")

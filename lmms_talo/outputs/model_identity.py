@@ -30,7 +30,8 @@ import torch
 from filelock import FileLock
 
 # Files of a checkpoint folder that cannot change an answer.
-IGNORED_FILES = re.compile(r"(^|/)(\.|README|LICENSE|NOTICE|USE_POLICY)|\.(md|txt|png|jpe?g|gif)$", re.IGNORECASE)
+# (.txt files count: merges.txt and vocab.txt are tokenizers.)
+IGNORED_FILES = re.compile(r"(^|/)(\.|README|LICENSE|NOTICE|USE_POLICY)|\.(md|png|jpe?g|gif)$", re.IGNORECASE)
 HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")  # an LFS blob's name is its SHA-256
 CHUNK = 1 << 24
 
