@@ -3,6 +3,7 @@ table: each variant's per-doc correctness is given, and `answer` reports which v
 
 from __future__ import annotations
 
+from lmms_talo.method.batching import SweepEngine
 from lmms_talo.method.greedy_search import search_more_layers
 from lmms_talo.method.probe_split import split_subtask
 from lmms_talo.method.rules import make_rule
@@ -32,7 +33,8 @@ def table_sweep(right_by_label: dict[str, set[int]], rule=None):
         right = right_by_label.get(label, right_by_label["base"])
         return float(position[doc] in right)
 
-    return LayerSweep(answer, score, ProbeStore(None, {"test": "pairwise"}), rule=rule), split, calls
+    engine = SweepEngine(True, "answer takes many docs", docs_per_call=SHOTS)  # a variant's docs in one call
+    return LayerSweep(answer, score, ProbeStore(None, {"test": "pairwise"}), rule=rule, engine=engine), split, calls
 
 
 BASE = {0, 1, 2, 3}

@@ -28,6 +28,7 @@ from lmms_talo.harness.failures import raise_on_failure, watch_failures, watched
 from lmms_talo.harness.grouping import TaloGroup, fresh_copy, group_requests, harness_run_args, log_pre_pass
 from lmms_talo.harness.heldout import heldout_scores, score_test_variants, transfer_variants
 from lmms_talo.harness.scoring import TaskScorer
+from lmms_talo.harness.sweep_engine import choose_engine
 from lmms_talo.logs import log
 from lmms_talo.memory import process_memory
 from lmms_talo.method.backbone import decoder_layers, unwrap
@@ -218,6 +219,7 @@ class TaloMixin:
             screen=task_screen(self, self._talo_model(), group, lambda r: base_method([fresh_copy(r)]), self.talo)
             if self.talo.sweep == "screen"
             else None,
+            engine=choose_engine(self, self._talo_model(), group, self.talo.sweep_batch),
         )
 
     def _talo_answer_group(

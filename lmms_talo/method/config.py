@@ -102,7 +102,10 @@ class TaloConfig:
     # see lmms_talo.method.sweep
     sweep: str = "full"
     screen_top: int = 3  # sweep=screen: the layers with the highest estimated gain, run exactly
-    screen_random: int = 2  # sweep=screen: further layers drawn with the seed, run exactly
+    screen_random: int = 0  # sweep=screen: further layers drawn with the seed, run exactly (a diagnostic)
+    # many probe docs per model call, through the harness's own batching (lmms_talo.method.sweep);
+    # false: one doc per call, the sequential engine
+    sweep_batch: bool = True
     replay: bool = True  # prefix replay of the layers below each knockout: see lmms_talo.method.prefix_replay
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -189,6 +192,7 @@ class TaloConfig:
             "sweep": str,
             "screen_top": int,
             "screen_random": int,
+            "sweep_batch": parse_bool,
             "replay": parse_bool,
         }
         for name, message in REMOVED_ARGS.items():

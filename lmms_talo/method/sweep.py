@@ -6,12 +6,16 @@ The sweep is written against two callables, so that any harness (lmms-eval, lm-e
   answer(knockout, docs) -> {doc: [responses]}   runs the model on those docs' requests
   score(doc, responses)  -> float in [0, 1]
 
-It runs doc by doc: the base pass of a doc, then that doc's knockout variants. With prefix replay
-(lmms_talo.method.prefix_replay) the base pass records what the knockouts cannot change and the variants replay
-it, so only one doc's records are alive at a time. Replay checks itself in every sweep (one
-sub-task, one request type): on the first doc it replays (and on the first doc whose model calls
-take another route), one variant also runs in full, and any difference turns replay off for the
-rest of the run (LayerSweep._checked_run). Three modes:
+Two engines (lmms_talo.method.batching). The batched one, the default, hands a round's probe docs to
+`answer` together, one call per variant, so the harness's batching puts their requests in rows of
+one model call; it checks itself against the sequential one before it computes anything
+(LayerSweep._check_batching) and steps aside on any difference. The sequential one runs doc by doc.
+Either way the base pass of a call's docs runs first, then their knockout variants. With prefix
+replay (lmms_talo.method.prefix_replay) the base pass records what the knockouts cannot change and
+the variants replay it, so only one call's docs have records alive at a time. Replay checks itself in
+every sweep (one sub-task, one request type): on the first call it replays (and on the first whose
+model calls take another route), one variant also runs in full, and any difference turns replay off
+for the rest of the run (LayerSweep._checked_run). Three modes:
   full    every candidate layer on every probe doc: the whole Task-Layer Interaction Vector.
   select  the same selected layer with less work: a layer stops being evaluated once even perfect
           scores on its remaining docs could not make it the selection (exact pruning, LayerPruner).
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lmms_talo.logs import log
+from lmms_talo.method.batching import SweepEngine, compare_engines
 from lmms_talo.method.interventions import BASE, Knockout, VariantLabel, layer_label
 from lmms_talo.method.parallel import RankMismatchError, Ranks
 from lmms_talo.method.prefix_replay import PrefixReplay, ReplayStats
@@ -100,6 +105,7 @@ class SweepResult:
     mode: str = "full"
     pruned: list[dict[int, PrunedLayer]] = field(default_factory=list)  # per round (select mode)
     replay: dict = field(default_factory=dict)  # prefix replay's work counters, when it was on
+    engine: dict = field(default_factory=dict)  # batched or sequential, why, and its self-check (SweepEngine)
     probe_rounds: list[ProbeRound] = field(default_factory=list)  # each round's units and why it was drawn
     stopped: str = ""  # why the rounds ended
     screen: list[dict] = field(
@@ -193,6 +199,7 @@ class LayerSweep:
         rule: SelectionRule | None = None,
         statistic: Statistic | None = None,
         screen: Screen | None = None,
+        engine: SweepEngine | None = None,
     ):
         self.rule = rule or make_rule("gain")
         if self.rule.stat != "score" and statistic is None:
@@ -213,6 +220,10 @@ class LayerSweep:
             )
         self._known: dict[tuple[VariantLabel, str], tuple[float, list]] = {}  # computed or merged in this process
         self._checked_shapes: set[frozenset] = set()  # shapes of replayed passes compared with a full pass
+        self.engine = engine or SweepEngine(False, "no engine was chosen: one doc per call")
+        self._holding = False  # a held block keeps replay's records across several _docs calls
+        self._recorded: tuple | None = None  # the docs whose base pass replay's records hold
+        self._batch_checked = False  # the batched engine's self-check ran (once per sweep)
 
     # --- one (variant, doc) at a time ---
 
@@ -235,11 +246,12 @@ class LayerSweep:
         pick = lambda label: {d: stats[label][str(d)] for d in docs}
         return pick(reference), {key: pick(label) for key, label in labels.items()}
 
-    def _run(self, knockout: Knockout | None, doc: Hashable, replaying: bool) -> tuple[float, list]:
+    def _run(self, knockout: Knockout | None, docs: Sequence[Hashable], replaying: bool) -> dict:
+        """{doc: (score, responses)} of one variant on `docs`, in one harness call."""
         context = self.replay.variant(knockout) if replaying else contextlib.nullcontext()
         with context:
-            responses = self.answer(knockout, [doc])[doc]
-        return self.score(doc, responses), responses
+            answers = self.answer(knockout, list(docs))
+        return {doc: (self.score(doc, answers[doc]), answers[doc]) for doc in docs}
 
     def _pass_shape(self, before: ReplayStats) -> frozenset:
         """What a replayed pass did, in kinds of model calls: a doc whose calls take another route
@@ -253,51 +265,56 @@ class LayerSweep:
         }
         return frozenset(kind for kind, count in kinds.items() if count > 0)
 
-    def _checked_run(self, knockout: Knockout, doc: Hashable) -> tuple[float, list]:
+    def _checked_run(self, knockout: Knockout, docs: Sequence[Hashable]) -> dict:
         """Prefix replay's run-time self-check: the variant with replay and, the first time a pass of
         this shape replays anything, in full; any difference (responses, score or any call's logits,
         bit for bit) turns replay off for the rest of the run, and the full result is kept. In a sweep (one sub-task,
         one request type) every doc has the same shape as a rule: one extra full pass in all."""
         before = dataclasses.replace(self.replay.stats)
         with self.replay.logits_trace() as replayed_logits:
-            replayed = self._run(knockout, doc, True)
+            replayed = self._run(knockout, docs, True)
         shape = self._pass_shape(before)
         if self.replay.stats.layers_replayed == before.layers_replayed or shape in self._checked_shapes:
             return replayed
         with self.replay.logits_trace() as full_logits:
-            full = self._run(knockout, doc, False)
+            full = self._run(knockout, docs, False)
         self._checked_shapes.add(shape)
         self.replay.stats.checks += 1
+        where = f"on probe doc(s) {', '.join(map(str, docs))}, knockout {knockout.label} with replay gave"
+        why = "a transformers change replay does not follow, or a non-deterministic model"
         if not (replayed == full or repr(replayed) == repr(full)):  # repr: NaN equals NaN
-            self.replay.disable(
-                f"on probe doc {doc}, knockout {knockout.label} with replay gave {replayed!r:.200}, in full "
-                f"{full!r:.200} (a transformers change replay does not follow, or a non-deterministic model)"
-            )
+            self.replay.disable(f"{where} {replayed!r:.200}, in full {full!r:.200} ({why})")
         elif replayed_logits != full_logits:
-            self.replay.disable(
-                f"on probe doc {doc}, knockout {knockout.label} with replay gave the same answers as in full "
-                f"but other logits (a transformers change replay does not follow, or a non-deterministic model)"
-            )
+            self.replay.disable(f"{where} the same answers as in full but other logits ({why})")
         return full
 
-    def _score(
+    def _scores(
         self,
         knockout: Knockout | None,
-        doc: Hashable,
+        docs: Sequence[Hashable],
         result: SweepResult,
         replaying: bool = False,
+        record: bool = False,
         check: bool = False,
-    ) -> float:
-        """One doc under one variant: from the store, or run. `replaying`: under prefix replay, and
-        then the base pass runs even when stored, because it records what the knockouts replay.
-        `check`: run it with replay and in full, and compare (`_checked_run`)."""
+    ) -> dict:
+        """{doc: score} of one variant on `docs`: from the store, the rest in one harness call.
+        `record`: the base pass under prefix replay, which runs on every doc even when stored, because
+        it records what the knockouts replay. `check`: replay's self-check (`_checked_run`)."""
         label = knockout.label if knockout else BASE
-        hit = self.record(label, doc)
-        if hit is not None and not (replaying and knockout is None):
-            result.docs_reused += 1
-            self._remember(label, doc, *hit, result)
-            return hit[0]
-        value, responses = self._checked_run(knockout, doc) if check else self._run(knockout, doc, replaying)
+        hits = {doc: self.record(label, doc) for doc in docs}
+        todo = list(docs) if record else [doc for doc in docs if hits[doc] is None]
+        for doc in docs:
+            if doc not in todo:
+                result.docs_reused += 1
+                self._remember(label, doc, *hits[doc], result)
+        if todo:
+            outputs = self._checked_run(knockout, todo) if check else self._run(knockout, todo, replaying or record)
+            for doc, (value, responses) in outputs.items():
+                self._keep(label, doc, value, responses, hits[doc], result)
+        return {doc: self._row(label, doc)[0] for doc in docs}
+
+    def _keep(self, label: VariantLabel, doc: Hashable, value: float, responses: list, hit, result) -> None:
+        """A computed result: stored (unless it was), remembered and counted."""
         result.docs_computed += 1
         if hit is None:
             self.store.put(label, doc, value, responses)
@@ -310,66 +327,104 @@ class LayerSweep:
                 hit[0],
             )
         self._remember(label, doc, value, responses, result)
-        return value
 
     @contextlib.contextmanager
     def _doc_records(self) -> Iterator[None]:
+        """Replay's records live for the block, or for the held block around it (`_held_records`)."""
         try:
             yield
         finally:
-            if self.replay is not None:
+            if self.replay is not None and not self._holding:
                 self.replay.forget()
+                self._recorded = None
 
-    def _doc(
+    @contextlib.contextmanager
+    def _held_records(self) -> Iterator[None]:
+        """One round on the batched engine: the base pass that scores the docs also records for the
+        knockouts that follow (after the self-check, and the screen's gradient pass): the base runs once."""
+        outermost = not self._holding
+        self._holding = True
+        try:
+            yield
+        finally:
+            if outermost:
+                self._holding = False
+                if self.replay is not None:
+                    self.replay.forget()
+                self._recorded = None
+
+    def _chunks(self, docs: Sequence[Hashable], size: int | None = None) -> list[list]:
+        """`docs` in groups of one harness call each: one doc per call on the sequential engine."""
+        size = (size or len(docs) or 1) if self.engine.batched else 1
+        return [list(docs[i : i + size]) for i in range(0, len(docs), size)]
+
+    def _docs(
         self,
-        doc: Hashable,
+        docs: Sequence[Hashable],
         knockouts: Sequence[Knockout],
         result: SweepResult,
-        go_on: Callable[[float], bool] | None = None,
-    ) -> tuple[float, dict[str, float]]:
-        """The base score of `doc`, then (if `go_on(base)`) each knockout's score on it. Prefix replay
-        is used when some knockout must run and it saves work: the base pass that records runs even
-        when its result is known, which pays off only if enough layers are then replayed.
-        The variant of the highest layer to run goes first, through replay's self-check
+        go_on: Callable[[dict], bool] | None = None,
+        record: bool = False,
+    ) -> tuple[dict, dict[str, dict]]:
+        """The base scores of `docs`, then (if `go_on(base)`) each knockout's {doc: score}, one harness
+        call per variant over all of `docs`. Prefix replay is used when some knockout must run and it
+        saves work: the base pass that records runs even when its result is known, which pays off
+        only if enough layers are then replayed (`record`: record now, for knockouts run later in a
+        held block). The variant of the highest layer to run goes first, through replay's self-check
         (`_checked_run`): it replays the most layers (every recorded layer output and K/V write
         below it), so it exercises the most replay, and if replay is wrong no other variant used it."""
-        todo = [k for k in knockouts if self.record(k.label, doc) is None]
+        docs = list(docs)
+        todo = [k for k in knockouts if any(self.record(k.label, doc) is None for doc in docs)]
+        recorded = self._recorded == tuple(docs)  # a held base pass recorded exactly these docs' calls
         replaying = (
             self.replay is not None
             and self.replay.enabled
-            and bool(todo)
-            and (self.record(BASE, doc) is None or self.replay.saves_work(todo))
+            and (bool(todo) or record)
+            and (recorded or record or any(self.record(BASE, d) is None for d in docs) or self.replay.saves_work(todo))
         )
-        checked = max(todo, key=lambda k: min(k.layers, default=0)) if replaying else None
+        checked = max(todo, key=lambda k: min(k.layers, default=0)) if replaying and todo else None
         with self._doc_records():
-            base = self._score(None, doc, result, replaying)
+            base = self._scores(None, docs, result, record=replaying and not recorded)
+            if replaying:
+                self._recorded = tuple(docs)
             if go_on is not None and not go_on(base):
                 return base, {}
             ordered = sorted(knockouts, key=lambda k: k is not checked)  # the checked variant first
-            scores = {k.label: self._score(k, doc, result, replaying, check=k is checked) for k in ordered}
+            scores = {k.label: self._scores(k, docs, result, replaying, check=k is checked) for k in ordered}
             return base, {k.label: scores[k.label] for k in knockouts}
 
     def doc_scores(self, knockout: Knockout | None, docs: Sequence[Hashable], result: SweepResult) -> dict:
-        """One variant over several docs in one harness call (the multi-layer search uses this)."""
-        label = knockout.label if knockout else BASE
+        """One variant over several docs (the multi-layer search and confirm use this)."""
         scores: dict = {}
-        missing = []
-        for doc in docs:
-            hit = self.record(label, doc)
-            if hit is None:
-                missing.append(doc)
-                continue
-            scores[doc] = hit[0]
-            self._remember(label, doc, *hit, result)
-            result.docs_reused += 1
-        if missing:
-            for doc, responses in self.answer(knockout, missing).items():
-                value = self.score(doc, responses)
-                self.store.put(label, doc, value, responses)
-                self._remember(label, doc, value, responses, result)
-                scores[doc] = value
-                result.docs_computed += 1
+        for chunk in self._chunks(docs):
+            scores.update(self._scores(knockout, chunk, result))
         return scores
+
+    # --- the batched engine's self-check ---
+
+    def _check_batching(self, docs: Sequence[Hashable], layers: Sequence[int], intervention: str, result) -> None:
+        """Before the sweep computes anything batched: the highest layer's knockout over the first
+        round's docs, batched and one doc per call, without replay; any difference in a doc's score
+        (or statistic) puts this sub-task on the sequential engine (lmms_talo.method.batching). Every
+        rank checks the same variant and the ranks share their verdicts, so they all switch together."""
+        if not self.engine.batched or self._batch_checked:
+            return  # the same on every rank
+        self._batch_checked = True
+        reason = None
+        knockout = Knockout((max(layers),), intervention)
+        docs = list(docs)
+        if len(docs) > 1 and any(self.record(knockout.label, d) is None for d in docs):
+            batched = self._run(knockout, docs, False)
+            sequential = {}
+            for doc in docs:
+                sequential.update(self._run(knockout, [doc], False))
+            self.engine.check, reason = compare_engines(knockout.label, batched, sequential, self.statistic)
+            kept = sequential if reason else batched
+            for doc, (value, responses) in kept.items():
+                self._keep(knockout.label, doc, value, responses, self.record(knockout.label, doc), result)
+        reasons = [r for r in self.ranks.all_gather(reason) if r]
+        if reasons:
+            self.engine.fall_back(reasons[0])
 
     # --- rounds ---
 
@@ -395,10 +450,33 @@ class LayerSweep:
     def _full_round(
         self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str, family: int | None = None
     ) -> tuple[RoundOutcome, dict]:
-        """Every layer (this rank's share) on every probe doc, doc by doc. With `skip_if_perfect`, while
-        every doc so far has a perfect base score the baseline may be perfect, which skips the layers:
-        those docs' variants wait until a doc with an imperfect base score appears."""
+        """Every layer (this rank's share) on every probe doc: one call per variant over the round's
+        docs on the batched engine, doc by doc on the sequential one. With `skip_if_perfect`, a
+        perfect baseline skips the layers."""
         knockouts = [Knockout((layer,), intervention) for layer in self.ranks.share(layers)]
+        rows_of = self._batched_rows if self.engine.batched else self._sequential_rows
+        base, rows = rows_of(probe, layers, knockouts, intervention, result, skip_if_perfect)
+        rows = self._merge(base, rows, result)
+        if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
+            return self.rule.decide(probe, base, {}, stream), {}
+        layer_scores = {layer: {d: rows[layer_label(layer)][d][0] for d in probe} for layer in layers}
+        statistic = self.paired_statistic(BASE, {layer: layer_label(layer) for layer in layers}, probe, result)
+        return self.rule.decide(probe, base, layer_scores, stream, statistic, family), {}
+
+    def _batched_rows(self, probe, layers, knockouts, intervention, result, skip_if_perfect):
+        """The base over the round's docs in one call (recording for replay); unless a perfect
+        baseline skips the layers, the engine's self-check, then each knockout in one call."""
+        with self._held_records():
+            base = self._base_scores(probe, result, record=True)
+            if skip_if_perfect and all(value >= 1.0 for value in base.values()):
+                return base, {k.label: {} for k in knockouts}
+            self._check_batching(probe, layers, intervention, result)
+            scores = self._docs(probe, knockouts, result)[1]
+        return base, {label: {doc: self._row(label, doc) for doc in docs} for label, docs in scores.items()}
+
+    def _sequential_rows(self, probe, layers, knockouts, intervention, result, skip_if_perfect):
+        """Doc by doc. While every doc so far has a perfect base score the baseline may be perfect,
+        which skips the layers: those docs' variants wait until a doc with an imperfect base score appears."""
         base: dict = {}
         rows: dict[str, dict] = {k.label: {} for k in knockouts}
         waiting = skip_if_perfect
@@ -409,9 +487,10 @@ class LayerSweep:
                 rows[label][doc] = self._row(label, doc)
 
         for doc in probe:
-            # go_on is called inside this _doc call only: bind this iteration's `waiting`
-            go_on = lambda b, waiting=waiting: not (waiting and b >= 1.0)
-            base[doc], scores = self._doc(doc, knockouts, result, go_on=go_on)
+            # go_on is called inside this _docs call only: bind this iteration's `waiting`
+            go_on = lambda b, waiting=waiting: not (waiting and all(v >= 1.0 for v in b.values()))
+            doc_base, scores = self._docs([doc], knockouts, result, go_on=go_on)
+            base[doc] = doc_base[doc]
             if waiting and base[doc] >= 1.0:
                 deferred.append(doc)
                 continue
@@ -419,33 +498,36 @@ class LayerSweep:
             if waiting:
                 waiting = False
                 for earlier in deferred:
-                    keep(earlier, self._doc(earlier, knockouts, result)[1])
-        rows = self._merge(base, rows, result)
-        if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
-            return self.rule.decide(probe, base, {}, stream), {}
-        layer_scores = {layer: {d: rows[layer_label(layer)][d][0] for d in probe} for layer in layers}
-        statistic = self.paired_statistic(BASE, {layer: layer_label(layer) for layer in layers}, probe, result)
-        return self.rule.decide(probe, base, layer_scores, stream, statistic, family), {}
+                    keep(earlier, self._docs([earlier], knockouts, result)[1])
+        return base, rows
+
+    def _base_scores(self, probe, result, record: bool = False) -> dict:
+        base: dict = {}
+        for chunk in self._chunks(probe):
+            base.update(self._docs(chunk, [], result, record=record)[0])
+        self._merge(base, {}, result)
+        return base
 
     def _select_round(
         self, probe, layers, intervention, result, skip_if_perfect: bool, stream: str
     ) -> tuple[RoundOutcome, dict]:
-        """Base scores first (the pruning bounds need the baseline), then the layers doc by doc,
-        docs with the lowest base score first: knockouts tend to miss them too, so layers that
-        cannot win are dropped early. Only the gain rule is served (see __init__)."""
+        """Base scores first (the pruning bounds need the baseline), then the layers doc by doc (a
+        chunk of docs_per_call docs on the batched engine), docs with the lowest base score first:
+        knockouts tend to miss them too, so layers that cannot win are dropped early. Only the gain
+        rule is served (see __init__)."""
         threshold = self.rule.threshold
-        base = {doc: self._doc(doc, [], result)[0] for doc in probe}
-        self._merge(base, {}, result)
+        base = self._base_scores(probe, result)
         if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
             return self.rule.decide(probe, base, {}, stream), {}
+        self._check_batching(probe, layers, intervention, result)
         pruner = LayerPruner(probe, layers, mean([base[d] for d in probe]), threshold)
-        for doc in sorted(probe, key=lambda d: base[d]):
+        for chunk in self._chunks(sorted(probe, key=lambda d: base[d]), self.engine.docs_per_call):
             alive = pruner.alive()
             if not alive:
                 break
             knockouts = [Knockout((layer,), intervention) for layer in self.ranks.share(alive)]
-            _, scores = self._doc(doc, knockouts, result)
-            rows = {k.label: {doc: self._row(k.label, doc)} for k in knockouts}
+            self._docs(chunk, knockouts, result)
+            rows = {k.label: {doc: self._row(k.label, doc) for doc in chunk} for k in knockouts}
             merged = self._merge(base, rows, result)
             pruner.observe({int(label): {d: v[0] for d, v in docs.items()} for label, docs in merged.items()})
         survivors = pruner.alive()
@@ -483,9 +565,14 @@ class LayerSweep:
     ) -> tuple[RoundOutcome, dict]:
         """Base scores, the screen's estimates, then the full round over the chosen layers only:
         the rule decides among exactly scored layers. With screen_top >= the number of layers this is
-        the full round itself."""
-        base = {doc: self._doc(doc, [], result)[0] for doc in probe}
-        self._merge(base, {}, result)
+        the full round itself. On the batched engine the base pass that scores the docs also records
+        for replay (held through the gradient pass), so the base runs once."""
+        held = self._held_records() if self.engine.batched else contextlib.nullcontext()
+        with held:
+            return self._screened_round(probe, layers, intervention, result, skip_if_perfect, stream)
+
+    def _screened_round(self, probe, layers, intervention, result, skip_if_perfect, stream):
+        base = self._base_scores(probe, result, record=self.engine.batched)
         baseline = mean([base[d] for d in probe])
         if skip_if_perfect and baseline_is_perfect(baseline):
             return self.rule.decide(probe, base, {}, stream), {}
@@ -581,6 +668,7 @@ class LayerSweep:
                 probe_round = split.redraw(result.probe_rounds, perfect)
         if self.replay is not None:
             result.replay = dataclasses.asdict(self.replay.stats)
+        result.engine = self.engine.to_report()
         self._sum_over_ranks(result)
         result.doc_scores = _canonical(result, [r.docs for r in result.probe_rounds])
         result.seconds = time.perf_counter() - started

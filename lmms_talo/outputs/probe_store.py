@@ -213,5 +213,6 @@ def group_store(group, config, report) -> ProbeStore:
         "seed": config.seed,
         "shots": config.probe_shots,
         "reqtype": group.reqtype,
+        "sweep_batch": config.sweep_batch,  # batched rows may round differently from batch-1 ones
     }
     return ProbeStore(None if state_dir == "none" else state_dir, fingerprint, report.versions)

@@ -138,6 +138,9 @@ class GroupReport:
     sweep_replay: dict = field(
         default_factory=dict
     )  # prefix replay's counters and status: "on" / "disabled (reason)" (lmms_talo.method.prefix_replay)
+    sweep_engine: dict = field(
+        default_factory=dict
+    )  # batched or sequential, why, and the batched engine's self-check (lmms_talo.method.batching)
     test: dict = field(default_factory=dict)  # "talo" / "base" -> test entry (see _test_entry)
     selected_layers: list = field(default_factory=list)  # the knockout evaluated: [selected_layer] or more
     layer_stages: list = field(default_factory=list)  # multi-layer search steps (lmms_talo.method.greedy_search)
@@ -207,6 +210,7 @@ class GroupReport:
         self.probe_docs_reused = result.docs_reused
         self.sweep_mode = result.mode
         self.sweep_replay = result.replay
+        self.sweep_engine = result.engine
         self.screen = result.screen
 
     def evaluated(self, seconds: float) -> None:
@@ -348,6 +352,8 @@ def summary_table(report: dict) -> str:
     lines += [f"compare with the paper: {task}: {f['field']} ({f['why']})" for task, f in figures.items()]
     statuses = [g.get("sweep_replay", {}).get("status", "on") for g in report["subtasks"]]
     lines += [f"prefix replay: {status}" for status in dict.fromkeys(statuses) if status != "on"]
+    fallbacks = [g.get("sweep_engine", {}).get("why", "") for g in report["subtasks"]]
+    lines += [f"batched sweep: {why}" for why in dict.fromkeys(fallbacks) if why.startswith("fell back")]
     return "\n".join(lines)
 
 
