@@ -231,10 +231,11 @@ def engine_rows(name: str, spec: dict, batching: str, clock: Clock) -> list[dict
             }
         )
     same, total = _agreement(batched, sequential)
+    layer = lambda selected: "no layer" if selected is None else f"layer {selected}"
     decision = (
-        f"decision identical (layer {batched['selected']})"
+        f"decision identical ({layer(batched['selected'])})"
         if batched["selected"] == sequential["selected"]
-        else f"decision DIFFERS (batched {batched['selected']}, sequential {sequential['selected']})"
+        else f"decision DIFFERS (batched {layer(batched['selected'])}, sequential {layer(sequential['selected'])})"
     )
     same_docs = batched["probe_docs"] == sequential["probe_docs"]
     rows.append(
@@ -358,10 +359,11 @@ def next_rows(device: str, shots: int, work: Path, clock: Clock) -> list[dict]:
         image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
         tokens = int((inputs["input_ids"] == image_id).sum())
         config = json.loads((folder / "config.json").read_text())["text_config"]
-        gigabytes = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.0f} MB"
         result = (
             f"built: hidden {config['hidden_size']}, {config['num_attention_heads']} heads, "
-            f"{config['num_hidden_layers']} layers, {gigabytes:.2f} GB bf16; {tokens} image tokens per {side} px image"
+            f"{config['num_hidden_layers']} layers, {size} of bf16 weights; {tokens} image tokens per {side} px image"
         )
         if cpu:  # the smoke run's check that the saved model runs: one forward, float32 (bf16 is slow on CPU)
             model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

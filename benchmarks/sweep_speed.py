@@ -3,12 +3,13 @@
   plain    one evaluation of the probe set by the base model (the unit of the ratios)
   authors  the authors' way: reload the model from disk for the base and for every layer, edit the
            layer's weights, evaluate the probe set
-  naive    TaLo's in-memory sweep without prefix replay (sweep=full, replay=false)
-  replay   prefix replay, every layer on every doc (sweep=full, replay=true; the default)
-  select   prefix replay and exact pruning (sweep=select, replay=true)
-  screen   the gradient screen, then exact knockouts of the top screen_top layers and screen_random
-           seeded others, with prefix replay (sweep=screen); screen:N sets screen_top=N
-  full     the same as replay (the name the --json figures use)
+  naive    TaLo's in-memory sweep, one doc per call, without prefix replay (sweep=full, replay=false,
+           sweep_batch=false)
+  full     prefix replay, every layer on every doc, a round's docs in one call per variant (the default)
+  select   prefix replay and exact pruning (sweep=select), batched
+  screen   the gradient screen, then exact knockouts of the top screen_top layers (and screen_random
+           seeded others), with prefix replay (sweep=screen), batched; screen:N sets screen_top=N
+  full_seq, select_seq, screen_seq   the same on the sequential engine (sweep_batch=false)
 
 Every mode runs through the harness's own model class and TaLo's own sweep code (the adapter's
 _talo_sweep), on the same probe docs (one probe round). Wall time covers the measured work only
@@ -40,16 +41,21 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODES = ("plain", "authors", "naive", "replay", "select")
+MODES = ("plain", "authors", "naive", "full_seq", "full", "select")
+SEQUENTIAL = "sweep_batch=false"
 TALO_ARGS = {
     "plain": "replay=false",
     "authors": "replay=false",
-    "naive": "replay=false,sweep=full",
-    "replay": "replay=true,sweep=full",
+    "naive": f"replay=false,sweep=full,{SEQUENTIAL}",
+    "full_seq": f"replay=true,sweep=full,{SEQUENTIAL}",
     "full": "replay=true,sweep=full",
+    "select_seq": f"replay=true,sweep=select,{SEQUENTIAL}",
     "select": "replay=true,sweep=select",
+    "screen_seq": f"replay=true,sweep=screen,{SEQUENTIAL}",
     "screen": "replay=true,sweep=screen",
 }
+# each batched mode beside its sequential twin: per-doc scores, answers and decisions compared
+TWINS = {"full": "full_seq", "select": "select_seq", "screen": "screen_seq"}
 
 
 def talo_args(mode: str) -> str:
@@ -161,7 +167,14 @@ def run_mode(spec: dict, mode: str) -> dict:
     else:
         sweep = lm._talo_sweep(group, base_method_of(lm), scorer)
         result = sweep.run(group.split, layers, spec["intervention"], 0)
+        docs_by_key = {str(d): d for d in group.docs()}
         out.update(
+            engine=result.engine,
+            doc_answers={
+                label: {d: repr(sweep.record(label, docs_by_key[d])[1]) for d in scores}
+                for label, scores in result.doc_scores.items()
+                if label != "screen"
+            },
             selected=result.selected,
             pruned={str(k): v.after_docs for k, v in result.pruned[0].items()},
             doc_scores=result.doc_scores,
@@ -250,6 +263,7 @@ def smollm2_spec(model: Path, task: str, include_path: Path, shots: int, threads
 def measure(spec: dict, modes) -> list[dict]:
     rows = []
     for mode in modes:
+        load_before = os.getloadavg()
         proc = subprocess.run(
             [sys.executable, __file__, "--child", mode, json.dumps(spec)],
             capture_output=True,
@@ -259,6 +273,7 @@ def measure(spec: dict, modes) -> list[dict]:
         if proc.returncode != 0:
             raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-6000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows[-1].update(load_before=load_before, load_after=os.getloadavg())
         print(f"  {mode}: {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -269,16 +284,16 @@ def check(rows: list[dict]) -> list[str]:
     problems = []
     if len({tuple(r["probe_docs"]) for r in rows}) != 1:
         problems.append("the modes probed different docs")
-    for fast in ("replay", "full"):
+    for fast in ("full_seq", "full"):
         if "naive" in by and fast in by and by[fast]["doc_scores"] != by["naive"]["doc_scores"]:
             problems.append(f"{fast}'s per-doc scores differ from the naive sweep's")
-    reference = by.get("naive") or by.get("full") or by.get("replay")
+    reference = by.get("naive") or by.get("full_seq") or by.get("full")
     for mode, row in by.items():
         if mode.startswith("screen") and reference:
             ran = {label: scores for label, scores in row["doc_scores"].items() if label != "screen"}
             if any(reference["doc_scores"].get(label) != scores for label, scores in ran.items()):
                 problems.append(f"{mode}'s exact per-doc scores differ from the {reference['mode']} sweep's")
-    for fast in ("replay", "full", "select"):
+    for fast in ("full_seq", "full", "select_seq", "select"):
         if "naive" in by and fast in by and by[fast]["selected"] != by["naive"]["selected"]:
             problems.append(f"{fast} selected layer {by[fast]['selected']}, the naive sweep {by['naive']['selected']}")
     if "authors" in by and "naive" in by:
@@ -372,6 +387,36 @@ def _smooth_diagnostics(ref: dict, screen: dict, layers: list[str]) -> dict | No
     }
 
 
+def engine_agreement(by_task: list[dict]) -> dict:
+    """Each batched mode against its sequential twin, over the (variant, doc) pairs both ran: the
+    fraction of identical probe scores, of bit-identical answers, and the tasks with the same
+    selection and the same interaction vector (exact gains)."""
+    out = {}
+    for batched, sequential in TWINS.items():
+        pairs = [(t[batched], t[sequential]) for t in by_task if batched in t and sequential in t]
+        if not pairs:
+            continue
+        shared = [
+            (label, doc, b, s)
+            for b, s in pairs
+            for label, scores in s["doc_answers"].items()
+            for doc in scores
+            if doc in b["doc_answers"].get(label, {})
+        ]
+        out[batched] = {
+            "tasks": len(pairs),
+            "pairs": len(shared),
+            "same_score_fraction": sum(b["doc_scores"][l][d] == s["doc_scores"][l][d] for l, d, b, s in shared)
+            / max(len(shared), 1),
+            "bit_identical_fraction": sum(b["doc_answers"][l][d] == s["doc_answers"][l][d] for l, d, b, s in shared)
+            / max(len(shared), 1),
+            "same_selection": sum(b["selected"] == s["selected"] for b, s in pairs),
+            "same_interaction_vector": sum(b["gains"] == s["gains"] for b, s in pairs),
+            "engines": sorted({b["engine"].get("engine", "?") for b, _ in pairs}),
+        }
+    return out
+
+
 def figures(model: str, per_task: list[dict]) -> dict:
     """The --json figures by name: per mode the summed seconds over the tasks it ran on, the ratio to
     the naive (and full) sweep over the tasks both ran on, peak RSS, exact variant passes; per screen
@@ -388,6 +433,9 @@ def figures(model: str, per_task: list[dict]) -> dict:
             "seconds": sum(r["seconds"] for r in rows),
             "tasks": len(rows),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "peak_rss_vs_plain": max(t[name]["peak_rss_mb"] / t["plain"]["peak_rss_mb"] for t in by_task if name in t)
+            if all("plain" in t for t in by_task if name in t)
+            else None,
             "ratio_vs_naive": _ratio(by_task, name, "naive"),
             "ratio_vs_full": _ratio(by_task, name, "full"),
         }
@@ -460,7 +508,16 @@ def figures(model: str, per_task: list[dict]) -> dict:
                     [(c[0], d["oracle_curve"]) for c, d in zip(curves, smooth)]
                 ),
             )
-    return {"model": model, "tasks": [t["task"] for t in per_task], "modes": modes, "per_task": per_task}
+    from provenance import provenance
+
+    return {
+        "provenance": provenance(),
+        "model": model,
+        "tasks": [t["task"] for t in per_task],
+        "modes": modes,
+        "engine_agreement": engine_agreement(by_task),
+        "per_task": per_task,
+    }
 
 
 def main(argv=None) -> int:

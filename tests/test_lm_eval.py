@@ -220,20 +220,23 @@ def _greedy_pair(lm, contexts) -> tuple[str, str]:
     raise AssertionError("no context whose greedy next token survives decode + encode")
 
 
-def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir, batch_size):
     """lmms-talo's simple lmms-eval class returns -log p where lm-eval's HFLM returns log p: the same
-    tokenisation (trailing context whitespace joins the continuation) and the same greedy flags."""
+    tokenisation (trailing context whitespace joins the continuation) and the same greedy flags; with
+    batch_size > 1 several contexts (padded) and their continuations share passes."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from lmms_talo.harness.lmms.text_model import CausalLM
 
     path = str(tiny_model_dir("llama"))
-    ours = CausalLM(pretrained=path, device="cpu", chat_template="false")
+    ours = CausalLM(pretrained=path, device="cpu", chat_template="false", batch_size=str(batch_size))
     context = "Question: Which word follows amber?\nAnswer:"
     pairs = [(context, " basil"), (context, " cedar delta"), (context + " ", "ember"), ("Short", " fjord grove haze")]
     pairs.append(_greedy_pair(ours, [f"{word} {i}" for i in range(20) for word in WORDS]))
     pairs += [(" ".join(WORDS[:n]), ".") for n in (1, 4, 9)]  # one-token continuations: contexts share a padded batch
+    pairs += [("Amber basil cedar delta ember", " fjord grove"), ("Basil", " cedar ember haze")]
     theirs = HFLM(pretrained=path, device="cpu", batch_size=2).loglikelihood(
         [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     )

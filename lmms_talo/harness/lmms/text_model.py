@@ -6,7 +6,9 @@ bfloat16, and loads plain LMs without their LM head. This class answers both req
 
 * `loglikelihood`: the continuation is tokenised the way lm-eval's HFLM does it (trailing
   whitespace of the context moves into the continuation; the whole string is encoded and split),
-  the context runs once and all continuations of that context run as one batch on its K/V cache.
+  the context runs once and all continuations of that context run as one batch on its K/V cache;
+  with batch_size > 1, batch_size contexts run right-padded in one pass and all their
+  continuations in one more (one context alone runs unpadded, as with batch_size=1).
   It returns `(-sum log p(continuation | context), is_greedy)`: lmms-eval's `multiple_choice`
   picks the option with the *smallest* value (its models return losses), so the negated sum
   makes lmms-eval's `acc` and `acc_norm` pick exactly the option lm-eval's `acc` / `acc_norm` pick.
@@ -204,6 +206,47 @@ class CausalLM(lmms):
         return results
 
     @torch.no_grad()
+    def _score_context_batch(
+        self, contexts: list[list[int]], continuations: list[list[list[int]]]
+    ) -> list[list[tuple[float, bool]]]:
+        """(sum log p, is_greedy) of each context's continuations, for several contexts at once: the
+        contexts right-padded in one pass, then every continuation of every context in one pass on
+        that cache (each row on its context's cache row; the padding masked, positions given)."""
+        model, device, pad = self._model, self.device, self._tokenizer.pad_token_id
+        width = max(len(c) for c in contexts)
+        ids = torch.tensor([c + [pad] * (width - len(c)) for c in contexts], device=device)
+        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in contexts], device=device)
+        last = torch.tensor([[len(c) - 1] for c in contexts], device=device)
+        out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=last)
+        first = F.log_softmax(out.logits[:, 0].float(), dim=-1)
+        rows = [(i, tokens) for i, members in enumerate(continuations) for tokens in members]
+        longest = max(len(tokens) for _, tokens in rows)
+        rest = None
+        if longest > 1:
+            cache = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401 (see _score_continuations)
+            owners = torch.tensor([i for i, _ in rows], device=device)
+            cache.reorder_cache(owners)
+            tokens = torch.tensor([t[:-1] + [pad] * (longest - len(t)) for _, t in rows], device=device)
+            rows_mask = torch.cat(
+                [mask[owners], torch.ones(len(rows), longest - 1, dtype=mask.dtype, device=device)], 1
+            )
+            positions = torch.tensor(
+                [[len(contexts[i]) + p for p in range(longest - 1)] for i, _ in rows], device=device
+            )
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            rest = model(tokens, attention_mask=rows_mask, position_ids=positions, **{name: cache}).logits
+            rest = F.log_softmax(rest.float(), dim=-1)
+        results: list[list] = [[] for _ in contexts]
+        for row, (i, tokens) in enumerate(rows):
+            total, greedy = first[i, tokens[0]].item(), bool(first[i].argmax().item() == tokens[0])
+            for position, token in enumerate(tokens[1:]):
+                step = rest[row, position]
+                total += step[token].item()
+                greedy = greedy and bool(step.argmax().item() == token)
+            results[i].append((total, greedy))
+        return results
+
+    @torch.no_grad()
     def _score_next_tokens(self, contexts: list[list[int]], tokens: list[list[int]]) -> list[list[tuple[float, bool]]]:
         """(log p, is_greedy) of one-token continuations: a batch of contexts, right-padded (a
         real token never attends to the padding after it), logits only at each row's last token."""
@@ -246,10 +289,17 @@ class CausalLM(lmms):
             )
             for context, scores in zip(chunk, batch):
                 store(by_context[context], scores)
-        batched = set(single)
-        for context_ids, members in by_context.items():
-            if context_ids not in batched:
-                store(members, self._score_continuations(list(context_ids), [ids for _, ids in members]))
+        # the others: batch_size contexts per pass, then their continuations in one pass on its cache
+        longer = sorted((c for c in by_context if c not in set(single)), key=len)
+        for start in range(0, len(longer), self.batch_size_per_gpu):
+            chunk = longer[start : start + self.batch_size_per_gpu]
+            members = [[ids for _, ids in by_context[c]] for c in chunk]
+            if len(chunk) == 1:  # one context: no padding at all
+                batch = [self._score_continuations(list(chunk[0]), members[0])]
+            else:
+                batch = self._score_context_batch([list(c) for c in chunk], members)
+            for context, scores in zip(chunk, batch):
+                store(by_context[context], scores)
         return results
 
     # --- generation ---
