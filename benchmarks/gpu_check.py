@@ -1,5 +1,6 @@
-"""The body of benchmarks/gpu_check.sh (run that). It prints a header line, a legend line and one
-table; each row is one check:
+"""The body of benchmarks/gpu_check.sh (run that). It prints a header line (date, GPU or "CPU smoke
+run", torch), a legend line, one table and the run's wall seconds; each table row is one check, in
+this order:
 
   hooks = weight edit   bit-exactness of the zero / uniform / mean hooks against the weight edit, in
                         bfloat16 and float16, on the test suite's tiny random architectures
@@ -13,32 +14,35 @@ table; each row is one check:
                         and peak RSS. CUDA: naive/full/select/screen, 30 layers, 8 probe docs;
                         --cpu: naive and screen, 3 layers, 2 docs. An "agreement" row appears only
                         when the modes' per-doc scores or selections differ (a failure).
-  sweep engine          the batched sweep engine (the default, sweep_batch=true) against the sequential
-                        one (sweep_batch=false: one doc per model call) on the full sweep, in bfloat16,
-                        each in its own process: two rows per model, sequential then batched, with the
-                        selection, exact passes, model calls (a prefill or one decode step each: fewer
-                        in the batched row means batching applied), wall seconds, x ref = wall
-                        seconds over the sequential engine's (the sequential row is 1.00), peak CUDA
-                        memory and peak RSS of each. Plain LMs (talo_huggingface, likelihood task)
-                        run with batch_size = the probe docs; the VLMs run through llava_hf, whose
-                        generation asserts batch size 1, so there batching falls back to one doc per
-                        call (the row says so) and the pair measures the engine's overhead.
+  sweep engine          the batched sweep engine (the default, sweep_batch=true: a round's probe docs in
+                        one harness call per variant) against the sequential one (sweep_batch=false: one
+                        doc per call) on the full sweep, in bfloat16, each in its own process
+                        (sweep_speed's full_seq and full modes): two rows per model, sequential then
+                        batched, with the selection, exact passes, model calls (a prefill or one decode
+                        step each: fewer in the batched row means batching applied), wall seconds,
+                        x ref = wall seconds over the sequential engine's (the sequential row is 1.00),
+                        peak CUDA memory and peak RSS of each; the batched row adds the engine's own
+                        report (batched or sequential, why, and its self-check's counts). Plain LMs
+                        (talo_huggingface, likelihood task) run with batch_size = the probe docs; the
+                        VLMs run through llava_hf, whose generation asserts batch size 1, so there
+                        batching falls back to one doc per call (the row says so, whatever the engine
+                        reports) and the pair measures the engine's overhead.
                         CUDA: the realistic LLaVA (30 layers, 8 docs), the 7B-width LLaVA-NeXT (4
                         docs), then the tiny smollm2, llava_next, qwen2, llama, llava_onevision
                         (8 docs each); a pair that would end past BUDGET_S (420 s) is skipped, and its
-                        row says so. --cpu: the tiny smollm2 only (4 docs, batch_size=4); the other
-                        models get a "skipped in the CPU smoke run" row.
+                        row says so. --cpu: the tiny smollm2 only (4 docs, batch_size=4); the
+                        realistic LLaVA gets a "skipped in the CPU smoke run" row.
   engine agreement      per model, batched vs sequential: how many (variant, doc) probe scores are
-                        identical, and whether the selected layer (the decision) is identical. A
-                        measurement, not pass/fail (bf16 batching changes kernel shapes and padding);
-                        only different probe docs fail it.
+                        identical, whether the selected layer (the decision) is identical, and how many
+                        answers are bit-identical. A measurement, not pass/fail (bf16 batching changes
+                        kernel shapes and padding); only different probe docs fail it.
   7B-width build        realistic_vlm.build_next(): a random LLaVA-NeXT of real 7B width (hidden 4096,
                         32 heads, MLP 11008, vocabulary 32064, 8 decoder layers, bfloat16), CLIP-L-width
                         tower (2 layers), anyres at 336 px / patch 14 with LLaVA-v1.6's pinpoints; the
                         task's 672 px images take 2928 image tokens each (the row counts them with the
                         saved processor). CUDA: weights drawn on the GPU, then its engine pair above;
                         --cpu: built shrunk (hidden 64, 2 layers, tower width 32, same image geometry),
-                        one float32 forward on one image, no engine pair.
+                        one float32 forward on one image, no engine pair (the row says so).
 
 No network: every model is built in place. --cpu (automatic without CUDA) is the smoke version the
 test suite runs (about a minute and a half on 2 cores). Exit status 0 only if every hook check is
@@ -178,24 +182,29 @@ class Clock:
 
 def _engine_pair(spec: dict) -> tuple[dict, dict]:
     """The sequential engine's and the batched engine's full sweep of `spec`, each in its own process
-    (sweep_speed's full_seq and full modes; until sweep_speed has full_seq, the same model args through
-    the spec)."""
+    (sweep_speed's full_seq and full modes)."""
     import sweep_speed
 
-    if "full_seq" in sweep_speed.TALO_ARGS:
-        return tuple(sweep_speed.measure(spec, ["full_seq", "full"]))
-    (sequential,) = sweep_speed.measure({**spec, "model_args": spec["model_args"] + ",sweep_batch=false"}, ["full"])
-    (batched,) = sweep_speed.measure(spec, ["full"])
+    sequential, batched = sweep_speed.measure(spec, ["full_seq", "full"])
     return sequential, batched
 
 
-def _agreement(a: dict, b: dict) -> tuple[int, int]:
-    """(identical, all): the (variant, doc) probe scores of two runs, over the pairs either ran."""
-    pairs = {(label, doc) for r in (a, b) for label, scores in r["doc_scores"].items() for doc in scores}
-    same = sum(
-        a["doc_scores"].get(label, {}).get(doc) == b["doc_scores"].get(label, {}).get(doc) for label, doc in pairs
-    )
+def _agreement(a: dict, b: dict, key: str) -> tuple[int, int]:
+    """(identical, all): two runs' per-(variant, doc) `key` (doc_scores, doc_answers), over the pairs either ran."""
+    pairs = {(label, doc) for r in (a, b) for label, values in r.get(key, {}).items() for doc in values}
+    same = sum(a[key].get(label, {}).get(doc) == b[key].get(label, {}).get(doc) for label, doc in pairs)
     return same, len(pairs)
+
+
+def _engine_report(row: dict) -> str:
+    """What the run's engine says (SweepResult.engine): which engine ran, why, and its self-check."""
+    engine = row.get("engine") or {}
+    text = f"engine {engine.get('engine', '?')}: {engine.get('why', '?')}"
+    check = engine.get("check") or {}
+    if check:
+        docs = check["docs"]
+        text += f"; self-check same score {check['same_score']}/{docs}, bit-identical {check['bit_identical']}/{docs}"
+    return text.replace("|", "/")
 
 
 def _failure(error: Exception) -> str:
@@ -205,7 +214,8 @@ def _failure(error: Exception) -> str:
 
 def engine_rows(name: str, spec: dict, batching: str, clock: Clock) -> list[dict]:
     """Three rows for one model: the sequential engine, the batched engine (x ref: its wall seconds
-    over the sequential one's) and their agreement; one row if it was skipped or failed."""
+    over the sequential one's; with the engine's own report) and their agreement; one row if it was
+    skipped or failed."""
     if not clock.affords():
         return [{"check": "sweep engine", "setting": name, "result": clock.skipped(), "ok": True}]
     started = time.perf_counter()
@@ -218,11 +228,12 @@ def engine_rows(name: str, spec: dict, batching: str, clock: Clock) -> list[dict
     setting = f"{name}, {len(sequential['probe_docs'])} docs, {sequential['layers']} layers"
     rows = []
     for r, engine in ((sequential, "sequential (sweep_batch=false)"), (batched, f"batched ({batching})")):
+        result = f"selected {r['selected']}, {r['exact_passes']} exact passes, {r['model_calls']} model calls"
         rows.append(
             {
                 "check": "sweep engine",
                 "setting": f"{setting}: {engine}",
-                "result": f"selected {r['selected']}, {r['exact_passes']} exact passes, {r['model_calls']} model calls",
+                "result": result + (f"; {_engine_report(r)}" if r is batched else ""),
                 "seconds": r["seconds"],
                 "x_ref": r["seconds"] / sequential["seconds"],
                 "peak_cuda_mb": r.get("peak_cuda_mb"),
@@ -230,7 +241,8 @@ def engine_rows(name: str, spec: dict, batching: str, clock: Clock) -> list[dict
                 "ok": True,
             }
         )
-    same, total = _agreement(batched, sequential)
+    same, total = _agreement(batched, sequential, "doc_scores")
+    bits, answers = _agreement(batched, sequential, "doc_answers")
     layer = lambda selected: "no layer" if selected is None else f"layer {selected}"
     decision = (
         f"decision identical ({layer(batched['selected'])})"
@@ -243,7 +255,8 @@ def engine_rows(name: str, spec: dict, batching: str, clock: Clock) -> list[dict
             "check": "engine agreement",
             "setting": f"{name}: batched vs sequential",
             "result": (
-                f"{same}/{total} (variant, doc) scores identical ({same / max(total, 1):.0%}), {decision}"
+                f"{same}/{total} (variant, doc) scores identical ({same / max(total, 1):.0%}), {decision}; "
+                f"answers bit-identical {bits}/{answers}"
                 + ("" if same_docs else "; FAILED: the engines probed different docs")
             ),
             "ok": same_docs,
@@ -343,7 +356,9 @@ def next_rows(device: str, shots: int, work: Path, clock: Clock) -> list[dict]:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     cpu = device == "cpu"
-    name = "7B-width LLaVA-NeXT" + (" (shrunk: hidden 64, 2 layers, tower 32)" if cpu else ", 8 layers")
+    text, vision = SMOKE_NEXT["text"], SMOKE_NEXT["vision"]
+    shrunk = f"hidden {text['hidden_size']}, {SMOKE_NEXT['num_layers']} layers, tower width {vision['hidden_size']}"
+    name = "7B-width LLaVA-NeXT" + (f" (shrunk for the CPU smoke run: {shrunk})" if cpu else ", 8 layers")
     if not cpu and not clock.affords(60.0):  # its build too
         return [{"check": "7B-width build", "setting": name, "result": clock.skipped(), "ok": True}]
     started = time.perf_counter()
@@ -360,7 +375,7 @@ def next_rows(device: str, shots: int, work: Path, clock: Clock) -> list[dict]:
         tokens = int((inputs["input_ids"] == image_id).sum())
         config = json.loads((folder / "config.json").read_text())["text_config"]
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.0f} MB"
+        size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
         result = (
             f"built: hidden {config['hidden_size']}, {config['num_attention_heads']} heads, "
             f"{config['num_hidden_layers']} layers, {size} of bf16 weights; {tokens} image tokens per {side} px image"

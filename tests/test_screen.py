@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_response_cache import oracle  # noqa: F401 (a fixture)
 from test_sweep import (  # noqa: F401
     LAYERS,
     ScoreTable,
@@ -16,7 +17,7 @@ from test_sweep import (  # noqa: F401
     random_table,
     task_manager,
 )
-from tiny_models import ARCHITECTURES, example_inputs, load_processor, load_tiny
+from tiny_models import ARCHITECTURES, LMMS_EVAL_MODEL_ARGS, example_inputs, load_processor, load_tiny
 
 from lmms_talo.method.interventions import (
     INTERVENTIONS,
@@ -503,3 +504,22 @@ def test_two_ranks_screen_like_one_process(tmp_path):
     for one, a, b in zip(alone, zero, first):
         assert a["rounds"] == b["rounds"] == one["rounds"] and a["screen"] == b["screen"] == one["screen"]
         assert a["screened"] + b["screened"] == one["screened"]  # each doc screened on one rank only
+
+
+@pytest.mark.e2e
+def test_on_the_oracle_task_the_screens_top_layer_is_the_true_one(oracle, tmp_path):  # noqa: F811
+    """The oracle task's answers are the tiny LLaVA's with layer 2 knocked out: with screen_top=1
+    the screen's ranking alone must put layer 2 in the exact set, and the sweep then selects it."""
+    from cli_tasks import run_lmms_eval
+    from test_response_cache import ORACLE_LAYER
+
+    model_dir, task = oracle
+    report = tmp_path / "report.json"
+    args = (
+        f"pretrained={model_dir},{LMMS_EVAL_MODEL_ARGS['llava']},probe_shots=4,state_dir=none,report={report},"
+        f"sweep=screen,screen_top=1"
+    )
+    run_lmms_eval("talo_llava", args, "talo_cached", task, tmp_path / "out", "--force_simple")
+    (group,) = json.loads(report.read_text())["subtasks"]
+    assert group["screen"][0]["top"] == [ORACLE_LAYER], group["screen"][0]
+    assert group["selected_layer"] == ORACLE_LAYER
