@@ -30,7 +30,9 @@ this order:
                         CUDA: the realistic LLaVA (30 layers, 8 docs), the 7B-width LLaVA-NeXT (4
                         docs), then the tiny smollm2, llava_next, qwen2, llama, llava_onevision
                         (8 docs each); a pair that would end past BUDGET_S (420 s) is skipped, and its
-                        row says so. --cpu: the tiny smollm2 only (4 docs, batch_size=4); the
+                        row says so. Left out: qwen2_vl, qwen2_5_vl, qwen3_vl, internvl (internvl_hf
+                        asserts batch size 1; the Qwen classes pick their own dtype and batching; not
+                        validated here). --cpu: the tiny smollm2 only (4 docs, batch_size=4); the
                         realistic LLaVA gets a "skipped in the CPU smoke run" row.
   engine agreement      per model, batched vs sequential: how many (variant, doc) probe scores are
                         identical, whether the selected layer (the decision) is identical, and how many
@@ -54,7 +56,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -353,7 +354,7 @@ def next_rows(device: str, shots: int, work: Path, clock: Clock) -> list[dict]:
     import realistic_vlm
     import torch
     from tiny_models import example_image
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
 
     cpu = device == "cpu"
     text, vision = SMOKE_NEXT["text"], SMOKE_NEXT["vision"]
@@ -373,12 +374,12 @@ def next_rows(device: str, shots: int, work: Path, clock: Clock) -> list[dict]:
         )
         image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
         tokens = int((inputs["input_ids"] == image_id).sum())
-        config = json.loads((folder / "config.json").read_text())["text_config"]
+        config = AutoConfig.from_pretrained(folder).text_config
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
         result = (
-            f"built: hidden {config['hidden_size']}, {config['num_attention_heads']} heads, "
-            f"{config['num_hidden_layers']} layers, {size} of bf16 weights; {tokens} image tokens per {side} px image"
+            f"built: hidden {config.hidden_size}, {config.num_attention_heads} heads, "
+            f"{config.num_hidden_layers} layers, {size} of bf16 weights; {tokens} image tokens per {side} px image"
         )
         if cpu:  # the smoke run's check that the saved model runs: one forward, float32 (bf16 is slow on CPU)
             model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
