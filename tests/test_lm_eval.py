@@ -247,6 +247,17 @@ def test_hf_causal_lm_scores_continuations_as_lm_evals_hflm(tiny_model_dir, batc
     assert mine[4][1] is True and not all(g for _, g in mine)
 
 
+def test_contexts_share_a_batch_only_while_their_padding_stays_small():
+    from lmms_talo.harness.lmms.text_model import PADDING_SLACK, length_buckets
+
+    contexts = [(0,) * n for n in (10, 10, 11, 12, 40, 41, 90)]
+    batches = length_buckets(contexts, 3)
+    assert [[len(c) for c in b] for b in batches] == [[10, 10, 11], [12], [40, 41], [90]]
+    for batch in batches:
+        assert max(map(len, batch)) * len(batch) <= (1 + PADDING_SLACK) * sum(map(len, batch))
+    assert length_buckets(contexts, 1) == [[c] for c in contexts]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -65,6 +65,26 @@ def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+# Padding is computed like real tokens: a batch of contexts may hold at most this many padded
+# positions per real one, past which a shorter context waits for a batch of its own length.
+PADDING_SLACK = 0.25
+
+
+def length_buckets(contexts: list, batch_size: int) -> list[list]:
+    """Contexts sorted by length, cut into batches of at most batch_size whose padding stays within
+    PADDING_SLACK of their real tokens (on a CPU the padded positions cost as much as real ones)."""
+    batches: list[list] = []
+    for context in contexts:
+        batch = batches[-1] if batches else None
+        if batch is not None and len(batch) < batch_size:
+            real = sum(len(c) for c in batch) + len(context)
+            if len(context) * (len(batch) + 1) <= (1 + PADDING_SLACK) * real:
+                batch.append(context)
+                continue
+        batches.append([context])
+    return batches
+
+
 class _StopStrings(StoppingCriteria):
     """Done rows: those whose generated text contains a stop string. transformers' own `stop_strings`
     preprocesses the whole vocabulary on every generate() call (seconds for a 49k vocabulary);
@@ -282,8 +302,7 @@ class CausalLM(lmms):
 
         # contexts whose continuations are all one token need one pass each, so they share batches
         single = sorted((c for c, m in by_context.items() if all(len(ids) == 1 for _, ids in m)), key=len)
-        for start in range(0, len(single), self.batch_size_per_gpu):
-            chunk = single[start : start + self.batch_size_per_gpu]
+        for chunk in length_buckets(single, self.batch_size_per_gpu):
             batch = self._score_next_tokens(
                 [list(c) for c in chunk], [[ids[0] for _, ids in by_context[c]] for c in chunk]
             )
@@ -291,8 +310,7 @@ class CausalLM(lmms):
                 store(by_context[context], scores)
         # the others: batch_size contexts per pass, then their continuations in one pass on its cache
         longer = sorted((c for c in by_context if c not in set(single)), key=len)
-        for start in range(0, len(longer), self.batch_size_per_gpu):
-            chunk = longer[start : start + self.batch_size_per_gpu]
+        for chunk in length_buckets(longer, self.batch_size_per_gpu):
             members = [[ids for _, ids in by_context[c]] for c in chunk]
             if len(chunk) == 1:  # one context: no padding at all
                 batch = [self._score_continuations(list(chunk[0]), members[0])]
