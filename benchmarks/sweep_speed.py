@@ -520,6 +520,36 @@ def figures(model: str, per_task: list[dict]) -> dict:
     }
 
 
+def summary(figures_: dict) -> str:
+    """The README's table: every mode over every task of one run, and each batched mode against its
+    sequential twin."""
+    p = figures_.get("provenance", {})
+    lines = [
+        f"{figures_['model']}, {len(figures_['tasks'])} tasks, one run: {p.get('date')}, commit {p.get('commit')}, "
+        f"{p.get('cpu')}, {figures_.get('threads_per_process', '?')} thread(s) per process",
+        "",
+        "| mode | wall s (sum) | x naive | peak MB (max) | x plain | same layer as full | scores = sequential "
+        "| answers bit-identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    for name, m in figures_["modes"].items():
+        agreement = figures_.get("engine_agreement", {}).get(name, {})
+        same = m.get("same_layer_fraction")
+        lines.append(
+            f"| {name} | {m['seconds']:.1f} | {fmt(m['ratio_vs_naive'], '.2f')} | {m['peak_rss_mb']:.0f} "
+            f"| {fmt(m.get('peak_rss_vs_plain'), '.2f')} | {fmt(same, '.0%')} "
+            f"| {fmt(agreement.get('same_score_fraction'), '.1%')} "
+            f"| {fmt(agreement.get('bit_identical_fraction'), '.1%')} |"
+        )
+    for name, a in figures_.get("engine_agreement", {}).items():
+        lines.append(
+            f"\n{name} vs {TWINS[name]}: same selection on {a['same_selection']} of {a['tasks']} tasks, same "
+            f"interaction vector on {a['same_interaction_vector']}, over {a['pairs']} (variant, doc) pairs"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", choices=("vlm", "smollm2", "merge"), help="merge: with --merge FILES")
@@ -552,8 +582,10 @@ def main(argv=None) -> int:
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
         merged = figures(runs[0]["model"], [t for run in runs for t in run["per_task"]])
+        merged["threads_per_process"] = runs[0].get("threads_per_process")
         text = json.dumps(merged, indent=1, default=str)
         args.json.write_text(text) if args.json else print(text)
+        print(summary(merged))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -590,7 +622,8 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(
                 json.dumps(
-                    figures(Path(spec["model_args"].split(",")[0].split("=", 1)[1]).name, per_task),
+                    figures(Path(spec["model_args"].split(",")[0].split("=", 1)[1]).name, per_task)
+                    | {"threads_per_process": args.threads},
                     indent=1,
                     default=str,
                 )

@@ -1,21 +1,26 @@
 """Do TaLo's selections hold up? Every selection rule on real tasks, and a permuted-label control.
 
 On SmolLM2-135M-Instruct (offline, prepared by `lmms-talo demo`) and BIG-bench multiple-choice tasks
-(likelihood-scored `cloze` and `generate` ones), k = 8 probe shots:
+(likelihood-scored `cloze` and `generate` ones), every candidate layer (1-29), two probe budgets
+k (BUDGETS: 8, and 20 as in the paper's 10-20):
 
   sweep    per task, one lmms-eval run (`--model talo_huggingface --force_simple`, replay=true,
-           sweep=full) that scores the base model and every candidate layer (LAYERS) on every probe-pool
-           doc (probe_shots = the pool, one round, threshold=1 so nothing is knocked out), and the
-           base model on the test docs. The pool is the k = 8 run's pool: pool = min(n // 3, 4k),
-           seeded by its size, and n <= 12 k here, so it is n // 3 for both.
-  decide   per task and rule, TaLo's own `select_knockout` (rounds, rule, confirmation) on that
-           k = 8 split, with the model's answers read back from the probe store instead of rerun:
-           every (variant, doc) answer it asks for is one the sweep stored. Then the test docs of
-           every layer any rule selected: one more lmms-eval run with those layers as candidates
-           and test_all_layers=true (the probe results come from the store).
+           sweep=full, the batched engine) that scores the base model and every candidate layer on
+           every doc of the study pool (the n // 3 docs TaLo's split draws as its pool when
+           probe_shots >= n // 12; one round, threshold=1 so nothing is knocked out), and, with
+           test_all_layers=true, the base model and every layer on the test docs (the rest):
+           the oracle column.
+  decide   per budget k, task and rule, TaLo's own `select_knockout` (rounds, rule, confirmation)
+           on a k-shot split whose pool is min(n // 3, 4k) docs drawn (seeded) from the study pool,
+           as the authors' pool size is, so the budget also bounds the confirmation docs; the
+           model's answers are read back from the probe store instead of rerun. The test docs are
+           the same for both budgets: those outside the study pool.
+  oracle   per task, every layer's test difference; the best one, and whether it is significant
+           after Holm over the layers (one-sided paired test that the knockout is better); each
+           rule's regret: the best layer's test difference minus its own selection's (0 without one).
   control  the same decisions with each task's gold labels permuted (seeded) over the pool docs,
            the stored answers rescored under the permuted labels (no model pass): any selection
-           is spurious by construction.
+           is spurious by construction. Draws: PERMUTATIONS relabelings x tasks, per budget.
 
 Writes validity.json and validity.md (the table) to --out. Run:
   lmms-talo demo                     # once: the model and the BIG-bench archive in the cache
@@ -41,14 +46,13 @@ from lmms_talo.demo.driver import DemoTask
 from lmms_talo.method.config import TaloConfig
 from lmms_talo.method.probe_split import ProbeSplit
 from lmms_talo.method.selection import select_knockout
-from lmms_talo.method.statistics import paired_flip_p
+from lmms_talo.method.statistics import holm_adjusted, paired_flip_p
 from lmms_talo.method.sweep import LayerSweep
 from lmms_talo.outputs.probe_store import ProbeStore
-from lmms_talo.outputs.report_reader import run_of
 
-SHOTS = 8
-LIMIT = 72  # docs per task: pool 24 (round 0: 8, at least 16 left to confirm on), 48 test docs
-LAYERS = tuple(range(1, 30, 2))  # the candidate layers: every other decoder layer, for the time budget
+BUDGETS = (8, 20)  # probe shots k
+LIMIT = 150  # docs per task (fewer where a task has fewer): a study pool of 50, 100 test docs; the time budget
+LAYERS = tuple(range(1, 30))  # every candidate layer of SmolLM2's 30
 TASKS = (
     "general_knowledge",
     "similarities_abstraction",
@@ -65,11 +69,11 @@ TASKS = (
 )
 
 
-def task_list(specs) -> list[DemoTask]:
+def task_list(specs, limit: int) -> list[DemoTask]:
     tasks = []
     for spec in specs:
         task = DemoTask.parse(spec)
-        tasks.append(DemoTask(task.source, task.style, task.limit or LIMIT))
+        tasks.append(DemoTask(task.source, task.style, task.limit or limit))
     return tasks
 
 
@@ -81,7 +85,9 @@ def _with_args(command: list[str], extra: str) -> list[str]:
     return command
 
 
-def sweep_commands(prepared, shares, state_dir: Path, runs: Path, stage: str, extra) -> tuple[list, list, list]:
+def sweep_commands(
+    prepared, shares, state_dir: Path, runs: Path, stage: str, extra, shots: int
+) -> tuple[list, list, list]:
     """One lmms-eval command per share of tasks; `extra(share)` adds TaLo args."""
     commands, logs, reports = [], [], []
     for i, share in enumerate(shares):
@@ -92,7 +98,7 @@ def sweep_commands(prepared, shares, state_dir: Path, runs: Path, stage: str, ex
             prepared.tasks_dir,
             [t.name for t in share],
             runs / f"{stage}_{i}",
-            4 * SHOTS,
+            shots,
             1,
             state_dir,
             report,
@@ -115,14 +121,14 @@ def run_stage(commands, logs, reports, state_dir, say) -> list[dict]:
 
 
 def sweep_stage(args, prepared, state_dir: Path, runs: Path, say) -> dict:
-    """Stage 1: every layer on every pool doc, the base model on the test docs; per task its report group."""
+    """Stage 1: every layer on every study-pool doc and on every test doc; per task its report group.
+    probe_shots = limit // 3 >= n // 12, so the pool is n // 3 and round 0 is the whole pool."""
     shares = driver.split_tasks(prepared.converted, args.jobs)
     started = time.perf_counter()
     layers = ";".join(map(str, LAYERS))
+    extra = f"threshold=1.0,layers={layers},test_all_layers=true"
     parts = run_stage(
-        *sweep_commands(prepared, shares, state_dir, runs, "sweep", lambda s: f"threshold=1.0,layers={layers}"),
-        state_dir,
-        say,
+        *sweep_commands(prepared, shares, state_dir, runs, "sweep", lambda s: extra, args.limit // 3), state_dir, say
     )
     say(f"  sweep stage: {time.perf_counter() - started:.0f} s")
     return {g["task"]: g for part in parts for g in part["subtasks"]}
@@ -210,13 +216,22 @@ def labels(stored: StoredTask, permutation: int | None) -> dict[int, int]:
     return {d: int(g) % len(stored.docs[d]["options"]) for d, g in zip(stored.pool, shuffled)}
 
 
-def decide(stored: StoredTask, variant: str, gold: dict[int, int]):
-    """TaLo's own select_knockout on the k = 8 split, each answer read back from the store."""
+def budget_pool(stored: StoredTask, shots: int) -> tuple[int, ...]:
+    """The k-shot split's pool: min(n // 3, 4k) docs of the study pool, drawn with a seed (in pool order)."""
+    size = min(len(stored.docs) // 3, 4 * shots, len(stored.pool))
+    rng = np.random.default_rng([shots, zlib.crc32(stored.name.encode())])
+    chosen = set(rng.choice(len(stored.pool), size=size, replace=False).tolist())
+    return tuple(d for i, d in enumerate(stored.pool) if i in chosen)
+
+
+def decide(stored: StoredTask, variant: str, gold: dict[int, int], shots: int):
+    """TaLo's own select_knockout on the k-shot split, each answer read back from the store."""
     fields = dict(RULE_VARIANTS[variant])
     if stored.style == "generate":
         fields.pop("select_stat", None)  # the margin needs option likelihoods
-    config = TaloConfig(probe_shots=SHOTS, **fields)
-    split = ProbeSplit(stored.name, SHOTS, config.seed, tuple(stored.pool), (), tuple(stored.pool), None)
+    config = TaloConfig(probe_shots=shots, **fields)
+    pool = budget_pool(stored, shots)
+    split = ProbeSplit(stored.name, shots, config.seed, pool, (), pool, None)
 
     def answer(knockout, docs):
         label = knockout.label if knockout else "base"
@@ -235,14 +250,14 @@ def decide(stored: StoredTask, variant: str, gold: dict[int, int]):
     return select_knockout(split, config, LAYERS, make_sweep)
 
 
-def decide_all(stored: dict[str, StoredTask]) -> dict:
+def decide_all(stored: dict[str, StoredTask], shots: int) -> dict:
     """task -> variant -> the selection's record on the true labels, and the control's selection count."""
     out = {}
     for name, task in stored.items():
         out[name] = {}
         for variant in RULE_VARIANTS:
-            selection = decide(task, variant, labels(task, None))
-            control = [decide(task, variant, labels(task, k)).layers for k in range(PERMUTATIONS)]
+            selection = decide(task, variant, labels(task, None), shots)
+            control = [decide(task, variant, labels(task, k), shots).layers for k in range(PERMUTATIONS)]
             out[name][variant] = {
                 "layers": list(selection.layers),
                 "probe_gain": selection.sweep.final.gains.get(selection.sweep.selected) if selection.sweep else None,
@@ -256,33 +271,29 @@ def decide_all(stored: dict[str, StoredTask]) -> dict:
     return out
 
 
-# ---- stage 3: the test docs of every selected layer ----
+# ---- the test docs: every layer's (the sweep stage scored them) ----
 
 
-def test_stage(args, prepared, state_dir: Path, runs: Path, decisions: dict, say) -> dict:
-    """task -> layer label -> {doc: score} on the test docs (and "base")."""
-    chosen = {
-        name: sorted({tuple(d["layers"]) for d in rules.values() if d["layers"]}) for name, rules in decisions.items()
-    }
-    todo = [t for t in prepared.converted if chosen.get(t.name)]
-    if not todo:
-        return {}
-    shares = driver.split_tasks(todo, args.jobs)
-
-    def extra(share):
-        layers = sorted({l for t in share for ls in chosen[t.name] for l in ls})
-        return f"threshold=1.0,test_all_layers=true,layers={';'.join(map(str, layers))}"
-
-    # the candidate layers differ per share: the store still serves every probe answer (not keyed by them)
-    parts = run_stage(*sweep_commands(prepared, shares, state_dir, runs, "test", extra), state_dir, say)
+def tests_of(groups: dict) -> dict:
+    """task -> variant label -> {doc: score} on the test docs ("base": the model as loaded; the sweep
+    stage's threshold=1 knocks nothing out, so its own test entry is the base model's)."""
     out = {}
-    for part in parts:
-        run = run_of(part, runs / "test.json")
-        for sub in run.subtasks:
-            variants = sub.data.get("test_variants") or {}
-            out[sub.task] = {label: entry["doc_scores"] for label, entry in variants.items()}
-            out[sub.task]["base"] = sub.test("base")["doc_scores"]
+    for name, group in groups.items():
+        assert not group["selected_layers"], f"{name}: the sweep stage must knock nothing out"
+        test = group["test"]
+        out[name] = {label: entry["doc_scores"] for label, entry in (group.get("test_variants") or {}).items()}
+        out[name]["base"] = (test.get("base") or test["talo"])["doc_scores"]
     return out
+
+
+def t_half_width(values) -> float | None:
+    """Half the 95% interval of the mean, with the t quantile (None below two values)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None
+    return float(t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def paired_summary(base: dict, knocked: dict, pool: set) -> dict:
@@ -290,7 +301,8 @@ def paired_summary(base: dict, knocked: dict, pool: set) -> dict:
     one-sided paired test that the knockout is worse (paired_flip_p)."""
     docs = [d for d in base if d in knocked and int(d) not in pool]
     diff = np.array([knocked[d] - base[d] for d in docs], dtype=float)
-    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    half = t_half_width(diff)
+    half = float("nan") if half is None else half
     worse_p = paired_flip_p([knocked[d] for d in docs], [base[d] for d in docs], 0, "validity")
     return {
         "n": len(docs),
@@ -300,24 +312,53 @@ def paired_summary(base: dict, knocked: dict, pool: set) -> dict:
     }
 
 
-def summarise(decisions: dict, tests: dict, stored: dict) -> dict:
+def oracle(tests: dict, stored: dict) -> dict:
+    """Per task: every layer's test difference, the best layer's, and its Holm-adjusted one-sided p
+    that the knockout is better (over all candidate layers): what there is for TaLo to find."""
+    out = {}
+    for name, variants in tests.items():
+        base, pool = variants["base"], set(stored[name].pool)
+        docs = [d for d in base if int(d) not in pool]
+        differences, better = {}, {}
+        for layer in LAYERS:
+            knocked = variants[str(layer)]
+            differences[layer] = float(np.mean([knocked[d] - base[d] for d in docs]))
+            better[layer] = paired_flip_p([base[d] for d in docs], [knocked[d] for d in docs], 0, f"{name}:{layer}")
+        holm = holm_adjusted(better)
+        best = max(LAYERS, key=lambda layer: (differences[layer], -layer))
+        out[name] = {
+            "n": len(docs),
+            "best_layer": best,
+            "best_difference": differences[best],
+            "best_holm_p": holm[best],
+            "significant_layers": sorted(layer for layer in LAYERS if holm[layer] < 0.05 and differences[layer] > 0),
+            "differences": {str(layer): differences[layer] for layer in LAYERS},
+        }
+    return out
+
+
+def summarise(decisions: dict, tests: dict, stored: dict, oracles: dict) -> dict:
     rows = {}
     for variant in RULE_VARIANTS:
-        applied, control, draws = [], 0, 0
+        applied, regrets, control, draws = [], [], 0, 0
         for name, rules in decisions.items():
             d = rules[variant]
             control += d["control_selected"]
             draws += d["control_draws"]
+            own = 0.0
             if d["layers"]:
                 label = "+".join(map(str, d["layers"]))
                 summary = paired_summary(tests[name]["base"], tests[name][label], set(stored[name].pool))
                 d["test"] = summary
                 applied.append(summary["difference"])
+                own = summary["difference"]
+            d["regret"] = oracles[name]["best_difference"] - own
+            regrets.append(d["regret"])
         negative = [
             d["test"] for r in decisions.values() if (d := r[variant]).get("test") and d["test"]["difference"] < 0
         ]
         mean = float(np.mean(applied)) if applied else None
-        half = 1.96 * float(np.std(applied, ddof=1)) / math.sqrt(len(applied)) if len(applied) > 1 else None
+        half = t_half_width(applied)
         rows[variant] = {
             "tasks": len(decisions),
             "applied": len(applied),
@@ -325,6 +366,7 @@ def summarise(decisions: dict, tests: dict, stored: dict) -> dict:
             "ci95_over_tasks": None if half is None else [mean - half, mean + half],
             "negative": len(negative),
             "significantly_negative": sum(t["worse_p"] < 0.05 for t in negative),
+            "mean_regret": float(np.mean(regrets)),
             "control_selection_rate": control / draws,
             "control_draws": draws,
         }
@@ -338,13 +380,11 @@ GOALS = (
 )
 
 
-def markdown(rows: dict, decisions: dict, header: str) -> str:
+def rule_table(rows: dict) -> list[str]:
     lines = [
-        header,
-        "",
-        "| rule | tasks | knockout applied | mean test diff (95% CI over tasks) | negative "
-        "| significantly negative | control selection rate |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | tasks | knockout applied | mean test diff (95% CI over tasks, t) | negative "
+        "| significantly negative | mean regret | control selection rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, r in rows.items():
         ci = (
@@ -353,12 +393,13 @@ def markdown(rows: dict, decisions: dict, header: str) -> str:
         diff = "-" if r["mean_test_difference"] is None else f"{r['mean_test_difference']:+.3f}{ci}"
         lines.append(
             f"| {variant} | {r['tasks']} | {r['applied']} | {diff} | {r['negative']} | {r['significantly_negative']} | "
-            f"{r['control_selection_rate']:.1%} ({r['control_draws']} draws) |"
+            f"{r['mean_regret']:+.3f} | {r['control_selection_rate']:.1%} ({r['control_draws']} draws) |"
         )
-    lines += [
-        "",
-        "Per task (layer, test difference [95% CI over test docs], one-sided p that it is worse):",
-        "",
+    return lines
+
+
+def task_table(decisions: dict) -> list[str]:
+    lines = [
         "| task | " + " | ".join(RULE_VARIANTS) + " |",
         "|---|" + "---|" * len(RULE_VARIANTS),
     ]
@@ -375,6 +416,31 @@ def markdown(rows: dict, decisions: dict, header: str) -> str:
                 f"[{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] p={t['worse_p']:.2g}"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(by_budget: dict, oracles: dict, header: str) -> str:
+    lines = [header, ""]
+    lines += [
+        "Oracle headroom (every layer's knockout on the test docs):",
+        "",
+        "| task | test docs | best layer | its test diff | Holm p (better, over the layers) "
+        "| layers significant at 0.05 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, o in oracles.items():
+        significant = ", ".join(map(str, o["significant_layers"])) or "none"
+        lines.append(
+            f"| {name} | {o['n']} | L{o['best_layer']} | {o['best_difference']:+.3f} | {o['best_holm_p']:.3g} "
+            f"| {significant} |"
+        )
+    for shots, entry in by_budget.items():
+        lines += ["", f"k = {shots}:", ""] + rule_table(entry["rules"])
+        lines += [
+            "",
+            f"k = {shots}, per task (layer, test difference [95% CI over test docs], one-sided p that it is worse):",
+            "",
+        ] + task_table(entry["tasks"])
     lines += ["", "Goals: " + GOALS]
     return "\n".join(lines)
 
@@ -382,9 +448,8 @@ def markdown(rows: dict, decisions: dict, header: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("validity_out"))
-    parser.add_argument(
-        "--tasks", nargs="*", default=list(TASKS), help=f"NAME[:STYLE[:LIMIT]] (default limit {LIMIT:d})"
-    )
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="NAME[:STYLE[:LIMIT]] (default limit: --limit)")
+    parser.add_argument("--limit", type=int, default=LIMIT, help="docs per task at most")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument(
         "--stage",
@@ -397,7 +462,7 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = driver.cache_root().resolve()
-    prepared = driver.prepare(cache, task_list(args.tasks), print)
+    prepared = driver.prepare(cache, task_list(args.tasks, args.limit), print)
     state_dir = out / "probe_results"
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -410,24 +475,32 @@ def main(argv=None) -> int:
         print(f"sweep done in {time.perf_counter() - started:.0f} s")
         return 0
     stored = {name: load_stored(group, prepared.converted, state_dir) for name, group in groups.items()}
-    decided_at = time.perf_counter()
-    decisions = decide_all(stored)
-    print(
-        f"decisions (5 rules x (1 + {PERMUTATIONS} permutations) x {len(stored)} tasks, offline): "
-        f"{time.perf_counter() - decided_at:.0f} s"
-    )
-    tests = test_stage(args, prepared, state_dir, runs, decisions, print)
-    rows = summarise(decisions, tests, stored)
+    tests = tests_of(groups)
+    oracles = oracle(tests, stored)
+    by_budget = {}
+    for shots in BUDGETS:
+        decided_at = time.perf_counter()
+        decisions = decide_all(stored, shots)
+        print(
+            f"k = {shots}: decisions ({len(RULE_VARIANTS)} rules x (1 + {PERMUTATIONS} relabelings) x "
+            f"{len(stored)} tasks, offline): {time.perf_counter() - decided_at:.0f} s"
+        )
+        by_budget[shots] = {"rules": summarise(decisions, tests, stored, oracles), "tasks": decisions}
     wall = time.perf_counter() - started
     header = (
         f"TaLo validity study, {time.strftime('%Y-%m-%d')}: SmolLM2-135M-Instruct, {len(stored)} BIG-bench tasks "
-        f"(<= {LIMIT} docs each), k = {SHOTS}, zeroed self-attention, "
-        f"candidate layers {LAYERS[0]}-{LAYERS[-1]} step 2; wall time {wall / 60:.1f} min"
+        f"(<= {args.limit} docs each: a study pool of n // 3, the rest test docs), k = "
+        f"{' and '.join(map(str, BUDGETS))}, zeroed self-attention, candidate layers {LAYERS[0]}-{LAYERS[-1]}; "
+        f"control: {PERMUTATIONS} relabelings x {len(stored)} tasks = {PERMUTATIONS * len(stored)} draws per rule "
+        f"and budget; wall time {wall / 60:.1f} min"
     )
     (out / "validity.json").write_text(
-        json.dumps({"header": header, "goals": GOALS, "rules": rows, "tasks": decisions}, indent=2)
+        json.dumps(
+            {"header": header, "goals": GOALS, "oracle": oracles, "budgets": by_budget},
+            indent=2,
+        )
     )
-    text = markdown(rows, decisions, header)
+    text = markdown(by_budget, oracles, header)
     (out / "validity.md").write_text(text + "\n")
     print(text)
     return 0
