@@ -40,6 +40,41 @@ SMOLLM2_135M = dict(
 IMAGE_SIZE, PATCH = 336, 14
 
 
+def _greedy_generation(tokenizer, vocab_size: int):
+    """Greedy decoding that never emits the tokenizer's special or unused vocabulary entries."""
+    from transformers import GenerationConfig
+
+    sys.path.insert(0, str(TESTS))
+    from tiny_models import _suppressed_token_ids
+
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=_suppressed_token_ids(tokenizer) + list(range(len(tokenizer), vocab_size)),
+    )
+
+
+def _processor_fields(tokenizer) -> dict:
+    return dict(
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _save(out_dir: Path, model, tokenizer, processor) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 def build(out_dir: Path, seed: int = 0, num_layers: int = SMOLLM2_135M["num_hidden_layers"]) -> Path:
     """Write the model, processor and generation config to `out_dir` (once); `num_layers` decoder
     layers of the realistic width (fewer make long runs affordable)."""
@@ -49,7 +84,6 @@ def build(out_dir: Path, seed: int = 0, num_layers: int = SMOLLM2_135M["num_hidd
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        GenerationConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -57,7 +91,7 @@ def build(out_dir: Path, seed: int = 0, num_layers: int = SMOLLM2_135M["num_hidd
     )
 
     sys.path.insert(0, str(TESTS))
-    from tiny_models import _build_tokenizer, _suppressed_token_ids
+    from tiny_models import _build_tokenizer
 
     tokenizer = _build_tokenizer("llava")
     text = LlamaConfig(
@@ -86,29 +120,14 @@ def build(out_dir: Path, seed: int = 0, num_layers: int = SMOLLM2_135M["num_hidd
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=_suppressed_token_ids(tokenizer) + list(range(len(tokenizer), text.vocab_size)),
-    )
+    model.generation_config = _greedy_generation(tokenizer, text.vocab_size)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
+        **_processor_fields(tokenizer),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    _save(out_dir, model, tokenizer, processor)
     return out_dir
 
 
@@ -146,7 +165,6 @@ def build_next(
     import torch
     from transformers import (
         CLIPVisionConfig,
-        GenerationConfig,
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -155,7 +173,7 @@ def build_next(
     )
 
     sys.path.insert(0, str(TESTS))
-    from tiny_models import _build_tokenizer, _suppressed_token_ids
+    from tiny_models import _build_tokenizer
 
     tokenizer = _build_tokenizer("llava_next")
     text_config = LlamaConfig(
@@ -181,32 +199,17 @@ def build_next(
     with torch.device(device):
         model = LlavaNextForConditionalGeneration(config)
     model = model.to(torch.bfloat16).eval()
-    model.generation_config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=_suppressed_token_ids(tokenizer) + list(range(len(tokenizer), text_config.vocab_size)),
-    )
+    model.generation_config = _greedy_generation(tokenizer, text_config.vocab_size)
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
             size={"shortest_edge": IMAGE_SIZE},
             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
             image_grid_pinpoints=NEXT_PINPOINTS,
         ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
+        **_processor_fields(tokenizer),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    _save(out_dir, model, tokenizer, processor)
     del model
     if device != "cpu":
         torch.cuda.empty_cache()
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
     return out_dir
