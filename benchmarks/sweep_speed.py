@@ -575,13 +575,16 @@ def main(argv=None) -> int:
         help="(b) the folder holding the demo tasks' lmms-eval YAML",
     )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    parser.add_argument("--skip-tasks", help="merge: leave these tasks (comma-separated) out of the figures")
     parser.add_argument(
         "--merge", type=Path, nargs="+", help="recompute the --json figures from these --json files' tasks (no run)"
     )
     args = parser.parse_args(argv)
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
-        merged = figures(runs[0]["model"], [t for run in runs for t in run["per_task"]])
+        skipped = set((args.skip_tasks or "").split(","))
+        merged = figures(runs[0]["model"], [t for run in runs for t in run["per_task"] if t["task"] not in skipped])
+        merged["provenance"] = runs[0].get("provenance")  # the run's, not this reprint's
         merged["threads_per_process"] = runs[0].get("threads_per_process")
         text = json.dumps(merged, indent=1, default=str)
         args.json.write_text(text) if args.json else print(text)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmms_talo.logs import log
 from lmms_talo.method.batching import SweepEngine
+
+_SAID: set[str] = set()  # the reasons already logged in this process
 
 
 def harness_batch_size(lm: Any) -> int:
@@ -32,4 +35,8 @@ def choose_engine(lm: Any, model: Any, group: Any, wanted: bool) -> SweepEngine:
     """The sub-task's engine; sweep=select runs chunks of as many docs as fill one batch."""
     batch_size = harness_batch_size(lm)
     per_doc = max((len(group.unit_requests([unit])) for unit in group.split.pool), default=1)
-    return SweepEngine.choose(wanted, batch_size, batch_size // max(per_doc, 1), disk_offloaded(model))
+    engine = SweepEngine.choose(wanted, batch_size, batch_size // max(per_doc, 1), disk_offloaded(model))
+    if engine.why not in _SAID:
+        _SAID.add(engine.why)
+        log.info("lmms-talo: the %s sweep engine: %s", "batched" if engine.batched else "sequential", engine.why)
+    return engine
