@@ -32,10 +32,11 @@ def disk_offloaded(model: Any) -> str | None:
 
 
 def choose_engine(lm: Any, model: Any, group: Any, wanted: bool) -> SweepEngine:
-    """The sub-task's engine; sweep=select runs chunks of as many docs as fill one batch."""
+    """The sub-task's engine; sweep=select runs chunks of as many probe units (a doc, or all rows of
+    one question) as fill one batch."""
     batch_size = harness_batch_size(lm)
-    per_doc = max((len(group.unit_requests([unit])) for unit in group.split.pool), default=1)
-    engine = SweepEngine.choose(wanted, batch_size, batch_size // max(per_doc, 1), disk_offloaded(model))
+    per_unit = max((len(group.unit_requests([unit])) for unit in group.split.pool_units), default=1)
+    engine = SweepEngine.choose(wanted, batch_size, batch_size // max(per_unit, 1), disk_offloaded(model))
     if engine.why not in _SAID:
         _SAID.add(engine.why)
         log.info("lmms-talo: the %s sweep engine: %s", "batched" if engine.batched else "sequential", engine.why)
