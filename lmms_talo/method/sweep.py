@@ -224,11 +224,15 @@ class LayerSweep:
         self._holding = False  # a held block keeps replay's records across several _docs calls
         self._recorded: tuple | None = None  # the docs whose base pass replay's records hold
         self._batch_checked = False  # the batched engine's self-check ran (once per sweep)
+        self._stale: set[tuple[VariantLabel, str]] = set()  # batched results to recompute after a fallback
 
     # --- one (variant, doc) at a time ---
 
     def record(self, label: VariantLabel, doc: Hashable) -> tuple[float, list] | None:
-        """(score, responses) of a variant on a doc, computed here, merged from a rank or stored."""
+        """(score, responses) of a variant on a doc, computed here, merged from a rank or stored; None
+        for a batched result the engine's fallback has put aside (it is computed again, and overwritten)."""
+        if (label, str(doc)) in self._stale:
+            return None
         return self._known.get((label, str(doc))) or self.store.get(label, doc)
 
     def _remember(self, label: VariantLabel, doc: Hashable, score: float, responses: list, result: SweepResult) -> None:
@@ -315,6 +319,7 @@ class LayerSweep:
 
     def _keep(self, label: VariantLabel, doc: Hashable, value: float, responses: list, hit, result) -> None:
         """A computed result: stored (unless it was), remembered and counted."""
+        self._stale.discard((label, str(doc)))
         result.docs_computed += 1
         if hit is None:
             self.store.put(label, doc, value, responses)
@@ -402,13 +407,15 @@ class LayerSweep:
 
     # --- the batched engine's self-check ---
 
-    def _check_batching(self, docs: Sequence[Hashable], layers: Sequence[int], intervention: str, result) -> None:
-        """Before the sweep computes anything batched: the highest layer's knockout over the first
+    def _check_batching(self, docs: Sequence[Hashable], layers: Sequence[int], intervention: str, result) -> bool:
+        """Before the sweep computes any knockout batched: the highest layer's knockout over the first
         round's docs, batched and one doc per call, without replay; any difference in a doc's score
-        (or statistic) puts this sub-task on the sequential engine (lmms_talo.method.batching). Every
-        rank checks the same variant and the ranks share their verdicts, so they all switch together."""
+        (or statistic) puts this sub-task on the sequential engine (lmms_talo.method.batching), and
+        the base scores computed batched so far are computed again, one doc per call. Every rank
+        checks the same variant and the ranks share their verdicts, so they all switch together.
+        True when the engine fell back."""
         if not self.engine.batched or self._batch_checked:
-            return  # the same on every rank
+            return False  # the same on every rank
         self._batch_checked = True
         reason = None
         knockout = Knockout((max(layers),), intervention)
@@ -423,8 +430,11 @@ class LayerSweep:
             for doc, (value, responses) in kept.items():
                 self._keep(knockout.label, doc, value, responses, self.record(knockout.label, doc), result)
         reasons = [r for r in self.ranks.all_gather(reason) if r]
-        if reasons:
-            self.engine.fall_back(reasons[0])
+        if not reasons:
+            return False
+        self.engine.fall_back(reasons[0])
+        self._stale = {key for key in self._known if key[0] == BASE}
+        return True
 
     # --- rounds ---
 
@@ -470,9 +480,10 @@ class LayerSweep:
             base = self._base_scores(probe, result, record=True)
             if skip_if_perfect and all(value >= 1.0 for value in base.values()):
                 return base, {k.label: {} for k in knockouts}
-            self._check_batching(probe, layers, intervention, result)
-            scores = self._docs(probe, knockouts, result)[1]
-        return base, {label: {doc: self._row(label, doc) for doc in docs} for label, docs in scores.items()}
+            if not self._check_batching(probe, layers, intervention, result):
+                scores = self._docs(probe, knockouts, result)[1]
+                return base, {label: {doc: self._row(label, doc) for doc in docs} for label, docs in scores.items()}
+        return self._sequential_rows(probe, layers, knockouts, intervention, result, skip_if_perfect)
 
     def _sequential_rows(self, probe, layers, knockouts, intervention, result, skip_if_perfect):
         """Doc by doc. While every doc so far has a perfect base score the baseline may be perfect,
@@ -519,7 +530,10 @@ class LayerSweep:
         base = self._base_scores(probe, result)
         if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
             return self.rule.decide(probe, base, {}, stream), {}
-        self._check_batching(probe, layers, intervention, result)
+        if self._check_batching(probe, layers, intervention, result):
+            base = self._base_scores(probe, result)  # one doc per call now
+            if skip_if_perfect and baseline_is_perfect(mean([base[d] for d in probe])):
+                return self.rule.decide(probe, base, {}, stream), {}
         pruner = LayerPruner(probe, layers, mean([base[d] for d in probe]), threshold)
         for chunk in self._chunks(sorted(probe, key=lambda d: base[d]), self.engine.docs_per_call):
             alive = pruner.alive()
