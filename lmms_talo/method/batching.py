@@ -4,10 +4,10 @@ doc per call), and the batched engine's run-time check against the sequential on
 The batched engine hands a round's probe docs to the harness in one call per variant, so the
 harness's own batching (its batch_size) packs their requests into rows of one model call. Batched
 kernels may round differently from batch-1 ones (padding, other matmul shapes), so before a sweep
-computes anything batched it runs one knockout variant over the first round's docs both ways and
+runs any knockout batched it runs one knockout variant over the first round's docs both ways and
 compares every doc's probe score (and the rule's statistic, with select_stat=margin). Any
-difference puts the sub-task on the sequential engine, with one warning and a line in the report;
-bit-identity of the answers is measured and reported beside it, not required.
+difference puts the sub-task on the sequential engine (its batched base scores computed again),
+with one warning and a line in the report; bit-identity of the answers is measured and reported beside it, not required.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The sweep is written against two callables, so that any harness (lmms-eval, lm-e
 
 Two engines (lmms_talo.method.batching). The batched one, the default, hands a round's probe docs to
 `answer` together, one call per variant, so the harness's batching puts their requests in rows of
-one model call; it checks itself against the sequential one before it computes anything
+one model call; it checks itself against the sequential one before any knockout runs batched
 (LayerSweep._check_batching) and steps aside on any difference. The sequential one runs doc by doc.
 Either way the base pass of a call's docs runs first, then their knockout variants. With prefix
 replay (lmms_talo.method.prefix_replay) the base pass records what the knockouts cannot change and
