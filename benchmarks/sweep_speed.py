@@ -243,6 +243,24 @@ def vlm_spec(work: Path, shots: int, threads: int, device: str = "cpu", layers: 
     }
 
 
+def easyvqa_spec(task: str, shots: int, threads: int) -> dict:
+    """(c): the demo's easy-VQA LLaVA (SmolLM2-135M-Instruct + the adapter trained on easy-VQA) through
+    talo_llava on a demo sub-task, options scored by likelihood, batch size 8."""
+    from lmms_talo.demo import vlm_demo
+    from lmms_talo.outputs.model_identity import cache_root
+
+    prepared = vlm_demo.prepare(cache_root(), print)
+    return {
+        "model": "talo_llava",
+        "task": task,
+        "include_path": str(prepared.tasks_dir),
+        "reqtype": "loglikelihood",
+        "intervention": "zero",
+        "threads": threads,
+        "model_args": f"{vlm_demo.model_args(prepared)},batch_size=8,probe_shots={shots},state_dir=none,max_redraws=0",
+    }
+
+
 def smollm2_spec(model: Path, task: str, include_path: Path, shots: int, threads: int) -> dict:
     """(b): the demo's SmolLM2-135M-Instruct on a demo task, through the demo's lmms-eval model
     (talo_huggingface, options scored by likelihood, batch size 8 as the demo runs it)."""
@@ -552,7 +570,7 @@ def summary(figures_: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=("vlm", "smollm2", "merge"), help="merge: with --merge FILES")
+    parser.add_argument("case", choices=("vlm", "smollm2", "easyvqa", "merge"), help="merge: with --merge FILES")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lmms_talo_bench")
     parser.add_argument("--shots", type=int, default=4, help="probe docs (probe_shots)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -601,6 +619,13 @@ def main(argv=None) -> int:
                 vlm_spec(args.work, args.shots, args.threads, args.device, args.vlm_layers),
                 f"(a) random SmolLM2-135M-shaped LLaVA ({args.vlm_layers} layers), 576 image tokens, {args.device}",
             )
+        ]
+    elif args.case == "easyvqa":
+        from lmms_talo.demo import easy_vqa
+
+        cases = [
+            (easyvqa_spec(easy_vqa.task_name(kind), args.shots, args.threads), f"(c) easy-VQA LLaVA, {kind} questions")
+            for kind in easy_vqa.QUESTION_TYPES
         ]
     else:
         tasks = args.tasks.split(",") if args.tasks else [args.task]

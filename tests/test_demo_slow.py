@@ -65,6 +65,8 @@ def test_demo_runs_talo_on_the_real_model(demo_cache, tmp_path):
         "3",
         "--tasks",
         "similarities_abstraction:cloze:30,arithmetic/1_digit_addition:generate:30",
+        "--vlm-questions",
+        "12",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=1800)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -84,3 +86,12 @@ def test_demo_runs_talo_on_the_real_model(demo_cache, tmp_path):
     assert (out / "interaction_heatmap.png").stat().st_size > 10_000
     for name in ("bb_similarities_abstraction", "bb_arithmetic_1_digit_addition_gen", "chance", "base [95% CI]"):
         assert name in proc.stdout
+    # the vision-language part: talo_llava with images on the easy-VQA LLaVA, one sub-task per question type
+    vlm = json.loads((out / "vlm_talo_report.json").read_text())
+    groups = {g["task"]: g for g in vlm["subtasks"]}
+    assert set(groups) == {"easyvqa_color", "easyvqa_shape", "easyvqa_yesno"}
+    for group in groups.values():
+        assert group["request_type"] == "loglikelihood" and group["candidate_layers"] == list(range(1, 30))
+        assert group["test"]["base"]["n"] == group["test"]["talo"]["n"] == 12 - len(group["pool"])
+    assert (out / "vlm_interaction_heatmap.png").stat().st_size > 10_000
+    assert "easyvqa_shape" in proc.stdout and "easy-VQA LLaVA" in proc.stdout

@@ -1,4 +1,5 @@
-"""`lmms-talo demo`: TaLo on SmolLM2-135M-Instruct and BIG-bench tasks, on a CPU (see lmms_talo.demo.driver)."""
+"""`lmms-talo demo`: TaLo on SmolLM2-135M-Instruct and BIG-bench tasks, and on the easy-VQA LLaVA and
+easy-VQA questions, on a CPU (see lmms_talo.demo.driver)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "TaLo on a real model (SmolLM2-135M-Instruct) and real data (BIG-bench), offline after a one-time download"
+HELP = (
+    "TaLo on real models (SmolLM2-135M-Instruct; a LLaVA of it with a vision adapter trained on easy-VQA) and real "
+    "data (BIG-bench, easy-VQA), offline after a one-time download"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmms_talo.demo.driver import DEFAULT_ROUNDS, DEFAULT_SHOTS, DEFAULT_TASKS
+    from lmms_talo.demo.vlm_demo import QUESTIONS_PER_TYPE
 
     parser.add_argument(
         "-o", "--output", default="talo_demo", help="folder for the report, heatmap and logs (default: talo_demo)"
@@ -48,6 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fresh", action="store_true", help="recompute the probe sweep instead of reusing stored probe results"
     )
     parser.add_argument(
+        "--vlm-questions",
+        type=int,
+        default=QUESTIONS_PER_TYPE,
+        help="easy-VQA test questions per question type in the vision-language part (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-vlm",
+        action="store_true",
+        help="skip the vision-language part (talo_llava on the easy-VQA LLaVA and easy-VQA questions)",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=None, help="cache folder (default: $LMMS_TALO_CACHE or ~/.cache/lmms_talo)"
     )
 
@@ -77,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             args.fresh,
             args.cache,
             say=lambda line: print(line, flush=True),
+            vlm_questions=0 if args.no_vlm else args.vlm_questions,
         )
     except (BigBenchError, DownloadError) as exc:
         print(f"lmms-talo demo: {exc}", file=sys.stderr)

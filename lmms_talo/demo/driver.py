@@ -4,7 +4,10 @@
 2. data: BIG-bench JSON tasks from the `bigbench` sdist on PyPI, converted to local tasks;
 3. TaLo through the real `lmms-eval` command line (`--model talo_huggingface --force_simple`, the
    same adapter a VLM user runs) with compare_base=true; or through lm-eval (`talo_hf`);
-4. the table, the interaction-vector heatmap and the report.
+4. the table, the interaction-vector heatmap and the report;
+5. the same for a vision-language model, in a parallel run (lmms_talo.demo.vlm_demo): `talo_llava`
+   with images on the easy-VQA LLaVA (SmolLM2 + a vision adapter trained here, shipped in the
+   package) and easy-VQA's test questions, one sub-task per question type.
 
 Everything lands in a cache folder (LMMS_TALO_CACHE, else ~/.cache/lmms_talo): a rerun downloads
 and converts nothing, and reuses the probe results it already computed (unless --fresh).
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmms_talo.analysis.figures import run_heatmap
-from lmms_talo.demo import bigbench, smollm2, summary
+from lmms_talo.demo import bigbench, smollm2, summary, vlm_demo
 from lmms_talo.outputs.model_identity import cache_root
 from lmms_talo.outputs.report_reader import run_of
 
@@ -85,6 +88,10 @@ def prepare(cache: Path, tasks: list[DemoTask], say: Callable[[str], None]) -> P
     return Prepared(model, tasks_dir, converted)
 
 
+def talo_arguments(shots: int, rounds: int, state_dir: Path, report: Path) -> str:
+    return f"probe_shots={shots},max_redraws={rounds - 1},compare_base=true,state_dir={state_dir},report={report}"
+
+
 def harness_command(
     harness: str,
     model: Path,
@@ -97,7 +104,7 @@ def harness_command(
     report: Path,
 ) -> list[str]:
     """The command line of one harness run over `names` (the same TaLo args under both harnesses)."""
-    talo_args = f"probe_shots={shots},max_redraws={rounds - 1},compare_base=true,state_dir={state_dir},report={report}"
+    talo_args = talo_arguments(shots, rounds, state_dir, report)
     if harness == "lmms-eval":
         return [
             sys.executable,
@@ -236,6 +243,7 @@ def main(
     fresh: bool = False,
     cache: Path | None = None,
     say: Callable[[str], None] = print,
+    vlm_questions: int = vlm_demo.QUESTIONS_PER_TYPE,
 ) -> int:
     started = time.perf_counter()
     cache = (cache or cache_root()).resolve()
@@ -246,6 +254,9 @@ def main(
     say(f"  ready after {time.perf_counter() - started:.0f} s")
     for task in prepared.converted:
         say(f"  {task.name}: {task.docs} docs from BIG-bench {task.source} ({task.style}), chance {task.chance:.3f}")
+    vlm_prepared = vlm_demo.prepare(cache, say, limit=vlm_questions) if vlm_questions else None
+    for task in vlm_prepared.converted if vlm_prepared else []:
+        say(f"  {task.name}: {task.docs} easy-VQA test questions ({task.kind}), chance {task.chance:.3f}")
 
     state_dir = cache / "demo" / "probe_results"
     if fresh:
@@ -272,6 +283,11 @@ def main(
         for i, (share, part) in enumerate(zip(shares, parts))
     ]
     logs = [runs / f"{harness}_{i}.log" for i in range(len(shares))]
+    if vlm_prepared:
+        vlm_report = runs / "talo_report_vlm.json"
+        talo_args = talo_arguments(shots, rounds, state_dir, vlm_report)
+        commands.append(vlm_demo.command(vlm_prepared, runs / "lmms-eval_vlm", talo_args))
+        logs.append(runs / "lmms-eval_vlm.log")
     say(
         f"[2/3] TaLo through {harness}: {len(shares)} parallel run(s) of {threads} thread(s), probe_shots={shots}, "
         f"up to {rounds} probe draw(s), every decoder layer 1-29 swept on each task. Commands:"
@@ -281,7 +297,8 @@ def main(
     harness_started = time.perf_counter()
     codes = run_harnesses(commands, logs, state_dir, threads, say)
     say(f"  {harness} finished after {time.perf_counter() - harness_started:.0f} s")
-    failed = [(code, log) for code, log, part in zip(codes, logs, parts) if code != 0 or not part.exists()]
+    expected = parts + ([vlm_report] if vlm_prepared else [])
+    failed = [(code, log) for code, log, part in zip(codes, logs, expected) if code != 0 or not part.exists()]
     for code, log in failed:
         say(f"{harness} failed (exit code {code}); the end of {log}:")
         say("\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]))
@@ -290,13 +307,27 @@ def main(
 
     say("[3/3] results")
     report = merge_reports(parts, [t.name for t in prepared.converted])
-    report_path = out / "talo_report.json"
-    report_path.write_text(json.dumps(report, indent=2))
-    run = run_of(report, report_path)
-    rows = summary.rows_of(run, chances_of(prepared))
-    text = summary.table(rows)
-    png = run_heatmap(run, out / "interaction_heatmap.png", f"TaLo on SmolLM2-135M-Instruct ({harness})")
     wall = time.perf_counter() - started
+    text = write_results(
+        out,
+        "",
+        report,
+        chances_of(prepared),
+        f"TaLo on SmolLM2-135M-Instruct ({harness})",
+        f"# TaLo demo ({harness})",
+        say,
+    )
+    if vlm_prepared:
+        vlm_text = write_results(
+            out,
+            "vlm_",
+            summary.load_report(vlm_report),
+            vlm_demo.chances_of(vlm_prepared),
+            "TaLo on the easy-VQA LLaVA (talo_llava)",
+            f"# TaLo demo, vision-language part ({vlm_demo.MODEL_LABEL})",
+            say,
+        )
+        text += "\n\n" + vlm_text
     footer = (
         f"base / TaLo: accuracy on the test docs (the probe pool excluded); chance: a uniformly random option; "
         f"layer: the selected knockout (zeroed self-attention), '-' when no layer gained on the probe set; "
@@ -304,8 +335,19 @@ def main(
         f"peak MB: the peak resident memory of the harness process that ran the task, once it was done. "
         f"Wall time of this run: {wall:.0f} s."
     )
-    (out / "summary.md").write_text(f"# TaLo demo ({harness})\n\n```\n{text}\n```\n\n{footer}\n")
-    say(text)
+    (out / "summary.md").write_text(f"# TaLo demo\n\n```\n{text}\n```\n\n{footer}\n")
     say(footer)
-    say(f"report: {report_path}\nheatmap: {png}\nsummary: {out / 'summary.md'}\nharness logs: {runs}")
+    say(f"summary: {out / 'summary.md'}\nharness logs: {runs}")
     return 0
+
+
+def write_results(out: Path, prefix: str, report: dict, chances: dict, title: str, heading: str, say) -> str:
+    """The report, heatmap and table of one model's run; returns the table under its heading."""
+    report_path = out / f"{prefix}talo_report.json"
+    report_path.write_text(json.dumps(report, indent=2))
+    run = run_of(report, report_path)
+    text = f"{heading}\n\n" + summary.table(summary.rows_of(run, chances))
+    png = run_heatmap(run, out / f"{prefix}interaction_heatmap.png", title)
+    say(text)
+    say(f"report: {report_path}\nheatmap: {png}")
+    return text
