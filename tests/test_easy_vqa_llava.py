@@ -48,12 +48,31 @@ def vlm(prepared):
     return model, processor
 
 
+def test_the_tasks_ask_each_question_type_with_options_of_its_type(prepared):
+    import pyarrow.parquet as pq
+
+    names = {t.name for t in prepared.converted}
+    assert names == {easy_vqa.task_name(k, v) for k in easy_vqa.QUESTION_TYPES for v in easy_vqa.VARIANTS}
+    for kind, answers in easy_vqa.QUESTION_TYPES.items():
+        rows = pq.read_table(easy_vqa.parquet_of(prepared.tasks_dir, kind)).to_pylist()
+        assert len(rows) == DOCS_PER_TYPE and {r["kind"] for r in rows} == {kind}
+        for row in rows:
+            assert set(row["options"]) <= set(answers) and len(set(row["options"])) == len(row["options"])
+            assert len(row["options"]) == (easy_vqa.COLOR_OPTIONS if kind == "color" else len(answers))
+            assert row["question"][0].isupper() and row["question"].endswith("?")
+    # the gold answer sits at `answer`: the data's own answer to the question, for the same image
+    data = easy_vqa.EasyVqa(easy_vqa.ensure_wheel(prepared.tasks_dir.parent.parent))
+    truth = {(easy_vqa.prompt_of(q), q.image): q.answer for q in data.questions("test")}
+    rows = pq.read_table(easy_vqa.parquet_of(prepared.tasks_dir, "yesno")).to_pylist()
+    assert all(truth[(r["question"], r["image_id"])] == r["options"][r["answer"]] for r in rows)
+
+
 def _inputs(processor, cache, batch):
     data = easy_vqa.EasyVqa(easy_vqa.ensure_wheel(cache))
     questions = [q for q in data.questions("test")[:40] if q.kind != "yesno"][:batch]
     texts = [
         processor.apply_chat_template(
-            [{"role": "user", "content": f"<image>\n{easy_vqa.prompt_of(q)}"}], add_generation_prompt=True
+            [{"role": "user", "content": f"<image>\n{easy_vqa.prompt_of(q)}"}], tokenize=False, add_generation_prompt=True
         )
         for q in questions
     ]

@@ -7,7 +7,7 @@
 2. Tower and projector learn to answer: the language-model loss of the answer (and the turn's end)
    after the exact prompt lmms-eval's `llava_hf` builds for a multiple-choice option, on easy-VQA's
    train questions, half of them yes/no. Gradients pass through the frozen decoder.
-3. Accuracy by option likelihood on held-out train images, with and without the image.
+3. Accuracy by option likelihood on held-out train images, with the image and with a blank one.
 
 Everything is seeded; the adapter and a card (command, data, seed, sizes, accuracies) go to --out.
 One thread order is fixed (torch.set_num_threads), so a rerun on the same machine repeats the run.
@@ -202,7 +202,16 @@ def option_accuracy(model, tokenizer, pixels_of, questions, rng, blank=None):
     return {kind: sum(v) / len(v) for kind, v in right.items()}
 
 
-def train(out: Path, cache: Path, seed: int, tower_steps: int, steps: int, batch: int, threads: int, say=print) -> dict:
+def train(
+    out: Path,
+    cache: Path,
+    seed: int,
+    tower_steps: int,
+    steps: int,
+    batch: int,
+    threads: int,
+    say=print,
+) -> dict:
     import torch
     from safetensors.torch import save_file
 
