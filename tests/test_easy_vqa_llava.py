@@ -72,7 +72,9 @@ def _inputs(processor, cache, batch):
     questions = [q for q in data.questions("test")[:40] if q.kind != "yesno"][:batch]
     texts = [
         processor.apply_chat_template(
-            [{"role": "user", "content": f"<image>\n{easy_vqa.prompt_of(q)}"}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": f"<image>\n{easy_vqa.prompt_of(q)}"}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
         for q in questions
     ]
@@ -163,11 +165,12 @@ def test_stock_llava_hf_on_a_zeroed_copy_answers_as_force_layer(vlm, prepared, t
 
 
 def _store(state_dir):
+    """(variant, doc) -> (score, responses) of a one-task probe store."""
     records = {}
     for path in state_dir.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            records[(path.name, r["variant"], r["doc"])] = (r["score"], r["responses"])
+            records[(r["variant"], r["doc"])] = (r["score"], r["responses"])
     return records
 
 
@@ -189,18 +192,23 @@ def test_sweep_modes_agree_with_the_naive_sweep_on_the_vlm(prepared, tmp_path):
     }
     stores, reports = {}, {}
     for name, extra in runs.items():
-        state_dir, report = tmp_path / name, tmp_path / f"{name}.json"
-        lm = get_model("talo_llava", True).create_from_arg_string(
-            f"{vlm_demo.model_args(prepared)},probe_shots=3,max_redraws=0,state_dir={state_dir},report={report},{extra}"
-        )
-        simple_evaluate(model=lm, tasks=tasks, task_manager=manager, batch_size=1, force_simple=True, limit=None)
-        stores[name] = _store(state_dir)
-        reports[name] = {g["task"]: g for g in json.loads(report.read_text())["subtasks"]}
+        for task in tasks:  # one store folder per task: its records are keyed by (variant, doc)
+            state_dir, report = tmp_path / name / task, tmp_path / name / f"{task}.json"
+            lm = get_model("talo_llava", True).create_from_arg_string(
+                f"{vlm_demo.model_args(prepared)},probe_shots=3,max_redraws=0,state_dir={state_dir},report={report},"
+                f"{extra}"
+            )
+            simple_evaluate(model=lm, tasks=[task], task_manager=manager, batch_size=1, force_simple=True)
+            stores.setdefault(name, {})[task] = _store(state_dir)
+            (group,) = json.loads(report.read_text())["subtasks"]
+            reports.setdefault(name, {})[task] = group
     naive = stores["naive"]
-    assert len({key[0] for key in naive}) == len(tasks)
+    assert all(naive[task] for task in tasks)
     assert stores["full"] == naive and stores["batched"] == naive
     for name in ("select", "screen"):
-        assert stores[name] and all(naive[key] == value for key, value in stores[name].items()), name
+        for task in tasks:
+            ran = stores[name][task]
+            assert ran and all(naive[task][key] == value for key, value in ran.items()), (name, task)
     for task, group in reports["naive"].items():
         assert group["rounds"][-1]["layer_scores"], "the probe set must leave room for a gain"
         for name in ("full", "batched", "select"):

@@ -314,7 +314,7 @@ def main(
         report,
         chances_of(prepared),
         f"TaLo on SmolLM2-135M-Instruct ({harness})",
-        f"# TaLo demo ({harness})",
+        f"SmolLM2-135M-Instruct, BIG-bench ({harness})",
         say,
     )
     if vlm_prepared:
@@ -324,7 +324,7 @@ def main(
             summary.load_report(vlm_report),
             vlm_demo.chances_of(vlm_prepared),
             "TaLo on the easy-VQA LLaVA (talo_llava)",
-            f"# TaLo demo, vision-language part ({vlm_demo.MODEL_LABEL})",
+            f"{vlm_demo.MODEL_LABEL}, easy-VQA (lmms-eval, talo_llava)",
             say,
         )
         text += "\n\n" + vlm_text
@@ -335,7 +335,7 @@ def main(
         f"peak MB: the peak resident memory of the harness process that ran the task, once it was done. "
         f"Wall time of this run: {wall:.0f} s."
     )
-    (out / "summary.md").write_text(f"# TaLo demo\n\n```\n{text}\n```\n\n{footer}\n")
+    (out / "summary.md").write_text(f"# TaLo demo\n\n{text}\n\n{footer}\n")
     say(footer)
     say(f"summary: {out / 'summary.md'}\nharness logs: {runs}")
     return 0
@@ -346,8 +346,8 @@ def write_results(out: Path, prefix: str, report: dict, chances: dict, title: st
     report_path = out / f"{prefix}talo_report.json"
     report_path.write_text(json.dumps(report, indent=2))
     run = run_of(report, report_path)
-    text = f"{heading}\n\n" + summary.table(summary.rows_of(run, chances))
+    table = summary.table(summary.rows_of(run, chances))
     png = run_heatmap(run, out / f"{prefix}interaction_heatmap.png", title)
-    say(text)
+    say(f"{heading}\n{table}")
     say(f"report: {report_path}\nheatmap: {png}")
-    return text
+    return f"## {heading}\n\n```\n{table}\n```"
