@@ -221,7 +221,7 @@ def merge_reports(parts: list[Path], order: list[str]) -> dict:
     return merged
 
 
-def chances_of(prepared: Prepared) -> dict[str, dict[str, float]]:
+def chances_of(prepared) -> dict[str, dict[str, float]]:
     """task -> doc id -> chance of a uniformly random option (1 / number of options)."""
     import pyarrow.parquet as pq
 
@@ -322,7 +322,7 @@ def main(
             out,
             "vlm_",
             summary.load_report(vlm_report),
-            vlm_demo.chances_of(vlm_prepared),
+            chances_of(vlm_prepared),
             "TaLo on the easy-VQA LLaVA (talo_llava)",
             f"{vlm_demo.MODEL_LABEL}, easy-VQA (lmms-eval, talo_llava)",
             say,

@@ -100,14 +100,3 @@ def command(prepared: PreparedVlm, output: Path, talo_args: str, model: str = "t
         "--verbosity",
         "DEBUG",
     ]
-
-
-def chances_of(prepared: PreparedVlm) -> dict[str, dict[str, float]]:
-    """task -> doc id -> 1 / number of options."""
-    import pyarrow.parquet as pq
-
-    chances = {}
-    for task in prepared.converted:
-        options = pq.read_table(task.parquet, columns=["options"]).column("options").to_pylist()
-        chances[task.name] = {str(i): 1.0 / len(o) for i, o in enumerate(options)}
-    return chances
