@@ -10,7 +10,8 @@
 3. Accuracy by option likelihood on held-out train images, with the image and with a blank one.
 
 Everything is seeded; the adapter and a card (command, data, seed, sizes, accuracies) go to --out.
-One thread order is fixed (torch.set_num_threads), so a rerun on the same machine repeats the run.
+The thread count is fixed (torch.set_num_threads); whether a rerun repeats the shipped weights bit for
+bit has not been checked (one run was made).
 """
 
 from __future__ import annotations

@@ -193,7 +193,8 @@ def process_results(doc, results):
 '''
 
 
-def _yaml(name: str, parquet: Path, body: str) -> str:
+def parquet_task_yaml(name: str, parquet: Path, body: str) -> str:
+    """A local task over one parquet file (its test split), then `body`: shared by the demo's tasks."""
     head = f"""\
         task: {name}
         dataset_path: parquet
@@ -240,7 +241,7 @@ def task_yaml(name: str, parquet: Path, style: str, harness: str) -> str:
                 aggregation: mean
                 higher_is_better: true
             """
-    return _yaml(name, parquet, body)
+    return parquet_task_yaml(name, parquet, body)
 
 
 def convert_task(

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmms_talo.demo.bigbench import parquet_task_yaml
+
 REQUIREMENT = "easy-vqa==1.0"
 WHEEL = "easy_vqa-1.0-py3-none-any.whl"
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -124,13 +126,7 @@ def process_results(doc, results):
 
 
 def task_yaml(name: str, parquet: Path, variant: str) -> str:
-    head = f"""\
-        task: {name}
-        dataset_path: parquet
-        dataset_kwargs:
-          data_files:
-            test: {json.dumps(str(parquet))}
-        test_split: test
+    metric = """\
         metric_list:
           - metric: acc
             aggregation: mean
@@ -157,7 +153,7 @@ def task_yaml(name: str, parquet: Path, variant: str) -> str:
             doc_to_target: answer
             target_delimiter: ""
             """
-    return textwrap.dedent(head) + textwrap.dedent(body)
+    return parquet_task_yaml(name, parquet, textwrap.dedent(metric) + textwrap.dedent(body))
 
 
 def parquet_of(out_dir: Path, kind: str) -> Path:
