@@ -253,6 +253,8 @@ def test_wheel_ships_and_finds_the_configs(tmp_path):
         "lmms_talo/task_configs/benchmarks.py",
         "lmms_talo/task_configs/generate.py",
         "lmms_talo/harness/pool_exclusion.py",
+        "lmms_talo/demo/adapter/adapter.safetensors",
+        "lmms_talo/demo/adapter/adapter.json",
     } <= names
     subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, timeout=600)
     probe = (
