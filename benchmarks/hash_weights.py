@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from provenance import provenance  # noqa: E402
 
+from lmms_talo.memory import peak_resident_mb  # noqa: E402
 from lmms_talo.outputs.model_identity import FileHasher, folder_digest  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> int:
             runs.append({"run": attempt, "seconds": time.perf_counter() - started, "bytes_read": hasher.bytes_read})
         if digests[0] != digests[1]:
             raise SystemExit("the two runs identified the checkpoint differently")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_resident_mb()
     result = {"provenance": provenance(), "weight_file_mb": args.mb, "runs": runs, "peak_rss_mb": peak_mb}
     print("| run | seconds | bytes read | peak RSS MB |\n|---|---:|---:|---:|")
     for r in runs:

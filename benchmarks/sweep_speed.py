@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -130,6 +129,7 @@ def run_mode(spec: dict, mode: str) -> dict:
     import torch
 
     from lmms_talo.harness.scoring import TaskScorer
+    from lmms_talo.memory import peak_resident_mb
     from lmms_talo.method.interventions import edit_weights_in_place
 
     torch.set_num_threads(spec["threads"])
@@ -194,7 +194,7 @@ def run_mode(spec: dict, mode: str) -> dict:
         layer_tokens=counter.layer_tokens,
         vision_calls=counter.vision_calls,
         num_layers=counter.num_layers,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=peak_resident_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     )
     return out
