@@ -589,8 +589,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--include-path",
         type=Path,
-        default=cache / "bigbench" / "tasks" / "lmms",
-        help="(b) the folder holding the demo tasks' lmms-eval YAML",
+        help="(b) the folder holding the tasks' lmms-eval YAML (default: the demo's, converted if missing)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     parser.add_argument("--skip-tasks", help="merge: leave these tasks (comma-separated) out of the figures")
@@ -629,6 +628,10 @@ def main(argv=None) -> int:
         ]
     else:
         tasks = args.tasks.split(",") if args.tasks else [args.task]
+        if args.include_path is None:
+            from lmms_talo.demo import driver
+
+            args.include_path = driver.prepare(cache, list(driver.DEFAULT_TASKS), print).tasks_dir / "lmms"
         missing = [t for t in tasks if not (args.include_path / f"{t}.yaml").exists()]
         if not (args.model / "config.json").exists() or missing:
             parser.error(

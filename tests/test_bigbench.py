@@ -161,3 +161,24 @@ def test_converted_tasks_load_in_both_harnesses(tmp_path):
         text = (out / folder / "bb_toy_mc_gen.yaml").read_text()
         assert f"{length_key}: 10" in text and "process_results: !function utils.process_results" in text
         assert (out / folder / "utils.py").exists()
+
+
+def test_demo_task_folders_are_keyed_by_the_task_list_and_limits(tmp_path):
+    """A run with other limits (the validity study) writes its own folder, never over the demo's."""
+    from lmms_talo.demo.driver import DemoTask, tasks_folder
+
+    demo = [DemoTask("general_knowledge"), DemoTask("arithmetic/1_digit_addition", "generate", 80)]
+    assert tasks_folder(tmp_path, demo) == tasks_folder(tmp_path, demo[::-1])
+    assert tasks_folder(tmp_path, demo) != tasks_folder(
+        tmp_path, [demo[0], DemoTask("arithmetic/1_digit_addition", "generate", 150)]
+    )
+    assert tasks_folder(tmp_path, demo) != tasks_folder(tmp_path, demo[:1])
+
+
+def test_one_task_asked_for_with_two_limits_is_refused_before_anything_is_built(tmp_path):
+    from lmms_talo.demo.driver import DemoTask, prepare
+
+    tasks = [DemoTask("arithmetic/1_digit_addition", "cloze", 80), DemoTask("arithmetic/1_digit_addition", "generate")]
+    with pytest.raises(ValueError, match="two limits"):
+        prepare(tmp_path, tasks, print)
+    assert not any(tmp_path.iterdir())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tarfile
 import textwrap
@@ -85,7 +86,9 @@ def read_task_jsons(archive: Path, names: Iterable[str], extract_to: Path) -> di
                 if name in missing:
                     target = extract_to / name / "task.json"
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(member).read())
+                    partial = target.with_name(f"task.json.{os.getpid()}.part")  # a reader never sees half a file
+                    partial.write_bytes(tar.extractfile(member).read())
+                    partial.replace(target)
         absent = [n for n in missing if n not in found_names]
         if absent:
             hints = {n: sorted(f for f in found_names if f.startswith(n.split("/")[0])) for n in absent}

@@ -19,6 +19,7 @@ options are listed with letters, or when it must generate a letter, it is near c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from lmms_talo.analysis.figures import run_heatmap
 from lmms_talo.demo import bigbench, smollm2, summary, vlm_demo
@@ -75,17 +78,40 @@ class Prepared:
     converted: list  # bigbench.ConvertedTask
 
 
+def tasks_folder(cache: Path, tasks: list[DemoTask]) -> Path:
+    """A folder per (task list, limits, code that converts): what is written under one name never
+    changes, so a run never reads docs another run (the validity study's larger limit, an older
+    conversion) wrote over its own."""
+    code = hashlib.sha256(Path(bigbench.__file__).read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([code, *sorted(t.spec() for t in tasks)]).encode()).hexdigest()[:12]
+    return cache / "bigbench" / f"tasks-{key}"
+
+
 def prepare(cache: Path, tasks: list[DemoTask], say: Callable[[str], None]) -> Prepared:
-    """Model and data in the cache; every demo task converted for both harnesses."""
-    model = smollm2.ensure_model(cache, say)
-    archive = bigbench.ensure_archive(cache, say)
-    say("reading the BIG-bench task files ...")
-    jsons = bigbench.read_task_jsons(archive, [t.source for t in tasks], cache / "bigbench" / "json")
-    tasks_dir = cache / "bigbench" / "tasks"
-    converted = []
+    """Model and data in the cache; every demo task converted for both harnesses, once."""
+    limits = {}
     for task in tasks:
-        converted += bigbench.convert_task(jsons[task.source], task.source, tasks_dir, [task.style], task.limit)
-    return Prepared(model, tasks_dir, converted)
+        if limits.setdefault(task.source, task.limit) != task.limit:
+            raise ValueError(
+                f"{task.source} is asked for with two limits ({limits[task.source]}, {task.limit}): give one"
+            )
+    model = smollm2.ensure_model(cache, say)
+    folder = tasks_folder(cache, tasks)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    written = folder / "converted.json"
+    with FileLock(str(folder) + ".lock"):  # one writer; the others wait and read what it wrote
+        if not written.exists():
+            archive = bigbench.ensure_archive(cache, say)
+            say("reading the BIG-bench task files ...")
+            jsons = bigbench.read_task_jsons(archive, [t.source for t in tasks], cache / "bigbench" / "json")
+            converted = []
+            for task in tasks:
+                converted += bigbench.convert_task(jsons[task.source], task.source, folder, [task.style], task.limit)
+            written.write_text(json.dumps([c.to_dict() for c in converted], indent=1))
+    converted = [
+        bigbench.ConvertedTask(**{**c, "parquet": Path(c["parquet"])}) for c in json.loads(written.read_text())
+    ]
+    return Prepared(model, folder, converted)
 
 
 def talo_arguments(shots: int, rounds: int, state_dir: Path, report: Path) -> str:

