@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
-# Every test, the slow real-model ones included: what CI runs.
-PYTEST_ARGS ?= -q
+# Every test, the slow real-model ones included: what CI runs. Two workers (pytest-xdist), each
+# test file on one of them: the slow files' module fixtures are built once.
+PYTEST_ARGS ?= -q -n 2 --dist loadfile
 # The unit tests: no real pretrained model, no harness CLI in a subprocess (under 3 minutes).
 FAST_MARKERS := not slow and not e2e
 # The venv's ruff once installed, else the one on PATH (CI's activated environment).
