@@ -314,8 +314,10 @@ def main(
         talo_args = talo_arguments(shots, rounds, state_dir, vlm_report)
         commands.append(vlm_demo.command(vlm_prepared, runs / "lmms-eval_vlm", talo_args))
         logs.append(runs / "lmms-eval_vlm.log")
+    vlm_run = " and the VLM run through lmms-eval" if vlm_prepared else ""
     say(
-        f"[2/3] TaLo through {harness}: {len(shares)} parallel run(s) of {threads} thread(s), probe_shots={shots}, "
+        f"[2/3] TaLo: {len(shares)} run(s) through {harness}{vlm_run}, in parallel, {threads} thread(s) each, "
+        f"probe_shots={shots}, "
         f"up to {rounds} probe draw(s), every decoder layer 1-29 swept on each task. Commands:"
     )
     for command in commands:
